@@ -1,0 +1,9 @@
+"""``python -m writeturn``: the same as the ``writeturn`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

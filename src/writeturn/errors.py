@@ -1,0 +1,59 @@
+"""The exceptions writeturn raises: one root, :class:`WriteturnError`.
+
+Each class's docstring is its default message. Messages name the bad value and
+say how to fix it; they never contain a database password (see
+:func:`writeturn.urls.redact`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WriteturnError",
+    "ConfigurationError",
+    "UnsupportedDatabase",
+    "SerializerClosed",
+    "ReentrantWriteError",
+    "TurnTimeout",
+    "OutcomeUnknown",
+    "TransactionEndedByCallback",
+    "JournalMissing",
+]
+
+
+class WriteturnError(Exception):
+    """A writeturn operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message if message is not None else (self.__doc__ or "").strip())
+
+
+class ConfigurationError(WriteturnError, ValueError):
+    """An option or argument given to writeturn is invalid."""
+
+
+class UnsupportedDatabase(ConfigurationError):
+    """The database URL names a database or driver writeturn does not support."""
+
+
+class SerializerClosed(WriteturnError):
+    """The serializer is closed (or closing) and accepts no more writes."""
+
+
+class ReentrantWriteError(WriteturnError):
+    """A write was started from inside a turn that it would have to wait for."""
+
+
+class TurnTimeout(WriteturnError, TimeoutError):
+    """The write's timeout expired before it committed."""
+
+
+class OutcomeUnknown(WriteturnError):
+    """The connection died while COMMIT was in flight; whether the write landed is unknown."""
+
+
+class TransactionEndedByCallback(WriteturnError):
+    """The write function committed or rolled back the transaction that writeturn owns."""
+
+
+class JournalMissing(WriteturnError):
+    """The write journal table does not exist: run `writeturn migrate upgrade`."""
