@@ -15,7 +15,9 @@ __all__ = [
     "ReentrantWriteError",
     "TurnTimeout",
     "OutcomeUnknown",
-    "TransactionEndedByCallback",
+    "TransactionOwnedError",
+    "SerializerNotStarted",
+    "DatabaseUnreachable",
     "JournalMissing",
 ]
 
@@ -51,8 +53,16 @@ class OutcomeUnknown(WriteturnError):
     """The connection died while COMMIT was in flight; whether the write landed is unknown."""
 
 
-class TransactionEndedByCallback(WriteturnError):
-    """The write function committed or rolled back the transaction that writeturn owns."""
+class TransactionOwnedError(WriteturnError):
+    """The write function tried to commit or roll back the transaction that writeturn owns."""
+
+
+class SerializerNotStarted(WriteturnError):
+    """The serializer is not started: use `async with serializer:` or `await serializer.start()`."""
+
+
+class DatabaseUnreachable(WriteturnError):
+    """The database could not be reached."""
 
 
 class JournalMissing(WriteturnError):

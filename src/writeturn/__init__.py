@@ -1,0 +1,55 @@
+"""writeturn: fair, ordered, cancellation-safe concurrent database writes for asyncio.
+
+Writers take fair turns per key (A, B, A, B), every transaction rolls back
+cleanly when its task is cancelled, and every write reports its outcome
+truthfully. Coordination is in-process (``"turn"``) or through database
+advisory locks (``"advisory"``), over SQLAlchemy's async engine on SQLite
+(aiosqlite) or Postgres (asyncpg).
+"""
+
+from __future__ import annotations
+
+from ._session import WriteSession
+from .errors import (
+    ConfigurationError,
+    DatabaseUnreachable,
+    JournalMissing,
+    OutcomeUnknown,
+    ReentrantWriteError,
+    SerializerClosed,
+    SerializerNotStarted,
+    TransactionOwnedError,
+    TurnTimeout,
+    UnsupportedDatabase,
+    WriteturnError,
+)
+from .handle import WriteHandle
+from .outcome import Outcome
+from .serializer import TransactionContext, WriteSerializer
+from .stats import SerializerStats
+from .turnlock import KeyStatistics, TurnLock, TurnLockStatistics
+
+__all__ = [
+    "WriteSerializer",
+    "TurnLock",
+    "WriteHandle",
+    "Outcome",
+    "WriteSession",
+    "TransactionContext",
+    "SerializerStats",
+    "KeyStatistics",
+    "TurnLockStatistics",
+    "WriteturnError",
+    "ConfigurationError",
+    "UnsupportedDatabase",
+    "SerializerClosed",
+    "SerializerNotStarted",
+    "ReentrantWriteError",
+    "TurnTimeout",
+    "OutcomeUnknown",
+    "TransactionOwnedError",
+    "DatabaseUnreachable",
+    "JournalMissing",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""Waiting through cancellation: the one mechanism every database call goes through.
+
+A cancellation that lands inside a driver call makes SQLAlchemy treat the
+connection as broken (it is invalidated and terminated, not rolled back), and
+on aiosqlite the statement runs on regardless. So writeturn never lets a
+cancellation land there: each database call runs in a task of its own, and the
+task that asked for it waits with :func:`settle`, which notes a cancellation
+instead of passing it into the call. The caller decides, at a point of its
+choosing, to raise exactly one ``CancelledError``.
+
+Accounting: :func:`settle` does not call ``Task.uncancel()``. Every canceller
+incremented the task's cancel count once, and the one ``CancelledError`` the
+caller later re-raises is what each of them (``asyncio.timeout``, TaskGroup)
+expects to see; only a cancellation that is swallowed for good is uncancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["settle", "run_apart"]
+
+T = TypeVar("T")
+
+
+async def settle(fut: asyncio.Future[Any], on_cancel: Callable[[], object] | None = None) -> bool:
+    """Wait until ``fut`` is done, even if this task is cancelled meanwhile.
+
+    ``fut`` itself is never cancelled by this wait. Returns True if the
+    awaiting task was cancelled at least once; the caller then owes its own
+    caller one ``CancelledError``. ``on_cancel`` runs at the first cancellation.
+    """
+    cancelled = False
+    loop = asyncio.get_running_loop()
+    while not fut.done():
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: asyncio.Future[Any], waiter: asyncio.Future[None] = waiter) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        fut.add_done_callback(wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            fut.remove_done_callback(wake)
+            if not cancelled and on_cancel is not None:
+                on_cancel()
+            cancelled = True
+    return cancelled
+
+
+async def run_apart(
+    coro: Coroutine[Any, Any, T], on_cancel: Callable[[], object] | None = None
+) -> tuple[asyncio.Task[T], bool]:
+    """Run ``coro`` to completion in its own task; return the finished task and
+    whether the caller was cancelled while it ran (see :func:`settle`).
+
+    The task's exception is marked retrieved, so a result that nobody wants
+    logs nothing; call ``task.result()`` to get it or raise it.
+    """
+    task = asyncio.ensure_future(coro)
+    cancelled = await settle(task, on_cancel)
+    if not task.cancelled():
+        task.exception()
+    return task, cancelled

@@ -1,0 +1,95 @@
+"""The session a write function receives: an AsyncSession whose database calls
+cannot be cut in half by a cancellation.
+
+Each guarded method runs through the owning transaction's ``call``: the
+statement completes (or, after a grace period, is interrupted by the driver
+and fails with an ordinary error), and only then does the cancellation reach
+the write function, as ``CancelledError``. The connection therefore stays
+usable and is rolled back and returned to the pool, not terminated.
+
+Not guarded: iterating a server-side result from ``stream()``, and calls made
+on the raw connection from ``session.connection()``. A cancellation landing
+there is still safe (the connection is invalidated and the database rolls the
+transaction back) but costs a reconnect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .errors import TransactionOwnedError
+
+if TYPE_CHECKING:
+    from ._transaction import Transaction
+
+__all__ = ["WriteSession"]
+
+_GUARDED = (
+    "execute",
+    "scalar",
+    "scalars",
+    "get",
+    "get_one",
+    "refresh",
+    "merge",
+    "merge_all",
+    "delete",
+    "delete_all",
+    "flush",
+    "run_sync",
+    "stream",
+    "stream_scalars",
+    "connection",
+)
+
+
+class WriteSession(AsyncSession):
+    """An AsyncSession inside one writeturn transaction: cancellation reaches it only between statements.
+
+    writeturn owns the transaction: it commits when the write function returns
+    and rolls back when it raises. ``commit()`` and ``rollback()`` therefore
+    raise :class:`TransactionOwnedError`; use ``begin_nested()`` for a
+    savepoint. Not safe for use from concurrent tasks (like any AsyncSession).
+    """
+
+    _writeturn_txn: Transaction
+
+    def __init__(self, txn: Transaction, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._writeturn_txn = txn
+
+    async def commit(self) -> NoReturn:
+        """Refused: writeturn commits when the write function returns."""
+        raise TransactionOwnedError(
+            "session.commit() inside a writeturn write: writeturn commits when your function "
+            "returns (or the `async with` block exits cleanly); remove the commit() call, or "
+            "use `await session.flush()` to send pending changes now"
+        )
+
+    async def rollback(self) -> NoReturn:
+        """Refused: raise an exception to roll the write back."""
+        raise TransactionOwnedError(
+            "session.rollback() inside a writeturn write: raise an exception from your function "
+            "(or the `async with` block) to roll the write back; use `session.begin_nested()` "
+            "for a savepoint you can roll back on its own"
+        )
+
+
+def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    base = getattr(AsyncSession, name)
+
+    async def method(self: WriteSession, *args: Any, **kwargs: Any) -> Any:
+        return await self._writeturn_txn.call(base(self, *args, **kwargs))
+
+    method.__name__ = name
+    method.__qualname__ = f"WriteSession.{name}"
+    method.__doc__ = base.__doc__
+    return method
+
+
+for _name in _GUARDED:
+    setattr(WriteSession, _name, _guarded(_name))
+del _name

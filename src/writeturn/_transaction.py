@@ -1,0 +1,295 @@
+"""One write's transaction, from connection checkout to hand-over of the turn.
+
+Where a cancellation can land, and what happens (each await below is one):
+
+* waiting for SQLite's database-wide gate: the wait is withdrawn (or the gate
+  passed on); nothing began, so the write is WITHDRAWN;
+* checking a connection out of the pool: the checkout is abandoned; WITHDRAWN;
+* BEGIN and, in advisory mode, the lock statement; the write function's own
+  statements through :class:`WriteSession`; the flush before COMMIT: the
+  statement finishes (or is interrupted by the driver after ``cancel_grace``),
+  then the transaction is rolled back; ROLLED_BACK;
+* the write function's other awaits: ``CancelledError`` unwinds it; ROLLED_BACK;
+* COMMIT, ROLLBACK and returning the connection: not interruptible; the
+  cancellation is noted and raised once they are done.
+
+Only then is the turn handed on (guarantee 4), and the cancellation re-raised
+as exactly one ``CancelledError`` (or, for writeturn's own timeout or close,
+as TurnTimeout / SerializerClosed).
+
+# Invariants:
+# - the key's turn (and on SQLite the gate) is held from before __aenter__
+#   until _end() releases it, exactly once, after COMMIT/ROLLBACK returned or
+#   the connection was invalidated;
+# - every database call goes through call()/run_apart, in a task of its own;
+# - _began is set before BEGIN is sent, so a cut-off BEGIN is rolled back too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from ._guard import run_apart, settle
+from ._session import WriteSession
+from .errors import OutcomeUnknown
+from .handle import State, WriteHandle
+from .outcome import Outcome
+
+if TYPE_CHECKING:
+    from .serializer import WriteSerializer
+
+__all__ = ["Transaction"]
+
+log = logging.getLogger("writeturn")
+
+T = TypeVar("T")
+
+_GATE_KEY = ""
+
+
+class Transaction:
+    """The transaction of one write that holds its key's turn; an async context manager."""
+
+    __slots__ = (
+        "_ser",
+        "_h",
+        "_task",
+        "_entry_cancelling",
+        "_conn",
+        "_session",
+        "_began",
+        "_gate_held",
+        "_cancel_seen",
+        "_xid",
+        "_interrupt_timer",
+        "_interrupt_task",
+    )
+
+    def __init__(self, ser: WriteSerializer, h: WriteHandle[Any], entry_cancelling: int) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._ser = ser
+        self._h = h
+        self._task = task
+        self._entry_cancelling = entry_cancelling
+        self._conn: AsyncConnection | None = None
+        self._session: WriteSession | None = None
+        self._began = False
+        self._gate_held = False
+        self._cancel_seen = False
+        self._xid: int | None = None
+        self._interrupt_timer: asyncio.TimerHandle | None = None
+        self._interrupt_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> WriteSession:
+        ser, h = self._ser, self._h
+        h._task = self._task
+        h._state = State.RUNNING
+        try:
+            if h._reason is not None:
+                raise asyncio.CancelledError
+            if ser._gate is not None:
+                await ser._gate.acquire(_GATE_KEY)
+                self._gate_held = True
+            await self._connect()
+            self._began = True
+            self._xid = await self.call(ser._dialect.begin(self._conn_(), h.key))
+            self._session = WriteSession(
+                self,
+                bind=self._conn,
+                expire_on_commit=False,
+                join_transaction_mode="rollback_only",
+            )
+        except BaseException as exc:
+            final = await self._end(exc)
+            assert final is not None
+            if final is exc:
+                raise
+            raise final from final.__cause__
+        return self._session
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        final = await self._end(exc)
+        if final is None or final is exc:
+            return False
+        raise final
+
+    # -- database calls ------------------------------------------------------
+
+    async def call(self, coro: Coroutine[Any, Any, T], *, interruptible: bool = True) -> T:
+        """Run one database call so that no cancellation lands inside it.
+
+        Interruptible calls (statements before COMMIT) refuse to start once the
+        write is cancelled, and raise ``CancelledError`` after finishing if it
+        was cancelled meanwhile; a statement that outlives ``cancel_grace``
+        after the cancellation is stopped by the driver. Other calls (COMMIT,
+        ROLLBACK, close) always run to the end and return normally; the
+        cancellation is remembered for :meth:`_end`.
+        """
+        if interruptible and (self._cancel_seen or self._h._reason is not None):
+            coro.close()
+            raise asyncio.CancelledError
+        task, cancelled = await run_apart(coro, self._schedule_interrupt if interruptible else None)
+        await self._finish_interrupt()
+        if cancelled:
+            self._cancel_seen = True
+        if interruptible and self._cancel_seen:
+            err = asyncio.CancelledError()
+            if not task.cancelled():
+                err.__context__ = task.exception()
+            raise err
+        return task.result()
+
+    def _schedule_interrupt(self) -> None:
+        grace = self._ser._cancel_grace
+        self._interrupt_timer = asyncio.get_running_loop().call_later(grace, self._interrupt)
+
+    def _interrupt(self) -> None:
+        self._interrupt_timer = None
+        if self._conn is None:
+            return
+        self._ser._counters.interrupts += 1
+        self._interrupt_task = asyncio.ensure_future(
+            self._ser._dialect.interrupt(self._conn, self._ser._engine)
+        )
+
+    async def _finish_interrupt(self) -> None:
+        # An interrupt still on its way could stop the *next* statement on
+        # this connection (ROLLBACK, or another write's): wait until it landed.
+        if self._interrupt_timer is not None:
+            self._interrupt_timer.cancel()
+            self._interrupt_timer = None
+        task, self._interrupt_task = self._interrupt_task, None
+        if task is not None:
+            if await settle(task):
+                self._cancel_seen = True
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("writeturn: interrupting a statement failed: %r", task.exception())
+
+    async def _connect(self) -> None:
+        engine = self._ser._engine
+        checkout = asyncio.ensure_future(AsyncConnection(engine).start())
+        # Nothing has begun during a checkout, so a cancellation may simply stop it.
+        if await settle(checkout, checkout.cancel):
+            self._cancel_seen = True
+        if checkout.cancelled():
+            raise asyncio.CancelledError
+        self._conn = checkout.result()
+        if self._cancel_seen or self._h._reason is not None:
+            raise asyncio.CancelledError
+
+    def _conn_(self) -> AsyncConnection:
+        assert self._conn is not None
+        return self._conn
+
+    # -- the end of the write --------------------------------------------------
+
+    async def _end(self, exc: BaseException | None) -> BaseException | None:
+        """Commit or roll back, return the connection, hand the turn on; then
+        return the exception the write ends with (None: it committed)."""
+        h = self._h
+        error = exc
+        outcome = Outcome.WITHDRAWN  # nothing began: the write never ran
+        try:
+            if self._began:
+                if exc is None and not self._cancel_seen and h._reason is None:
+                    outcome, error = await self._commit()
+                else:
+                    outcome = Outcome.ROLLED_BACK
+                    await self._rollback()
+            if self._conn is not None:
+                await self._close()
+        finally:
+            self._release()
+            h._set_outcome(outcome)
+        cancelled = self._cancel_seen or isinstance(exc, asyncio.CancelledError)
+        if cancelled or h._reason is not None:
+            return h._cancellation(error, self._task, self._entry_cancelling)
+        return error
+
+    async def _commit(self) -> tuple[Outcome, BaseException | None]:
+        session, conn = self._session, self._conn_()
+        try:
+            # Pending ORM changes are still the write function's work: a
+            # failure or cancellation while flushing rolls the write back.
+            if session is not None and (session.new or session.dirty or session.deleted):
+                await self.call(AsyncSession.flush(session))
+        except BaseException as exc:
+            await self._rollback()
+            return Outcome.ROLLED_BACK, exc
+        if self._cancel_seen or self._h._reason is not None:
+            await self._rollback()
+            return Outcome.ROLLED_BACK, None
+        self._h._state = State.COMMITTING
+        self._h._disarm()
+        try:
+            await self.call(conn.commit(), interruptible=False)
+        except Exception as exc:
+            return await self._commit_failed(exc)
+        return Outcome.COMMITTED, None
+
+    async def _commit_failed(self, exc: Exception) -> tuple[Outcome, BaseException | None]:
+        conn = self._conn_()
+        lost = conn.invalidated or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        if not lost and isinstance(exc, DBAPIError):
+            # An ordinary error at COMMIT (serialization failure, deferred
+            # constraint): the database rolled the transaction back.
+            await self._rollback()
+            return Outcome.ROLLED_BACK, exc
+        ser = self._ser
+        outcome = await self.call(
+            ser._dialect.commit_outcome(ser._engine, self._xid), interruptible=False
+        )
+        if outcome is Outcome.COMMITTED:
+            log.info("writeturn: COMMIT on key %r lost its connection but had landed", self._h.key)
+            return outcome, None
+        if outcome is Outcome.ROLLED_BACK:
+            return outcome, exc
+        err = OutcomeUnknown(
+            f"the connection died while COMMIT of the write on key {self._h.key!r} was in flight "
+            "and its fate could not be learned; check the database before retrying, or give "
+            "writes an idempotency key"
+        )
+        err.__cause__ = exc
+        return Outcome.UNKNOWN, err
+
+    async def _rollback(self) -> None:
+        conn = self._conn_()
+        if conn.invalidated:
+            return
+        try:
+            await self.call(conn.rollback(), interruptible=False)
+        except Exception as exc:
+            log.warning("writeturn: ROLLBACK failed (%r); discarding the connection", exc)
+            try:
+                await self.call(conn.invalidate(), interruptible=False)
+            except Exception:
+                pass
+
+    async def _close(self) -> None:
+        conn = self._conn_()
+        if self._session is not None:
+            try:
+                await self.call(AsyncSession.close(self._session), interruptible=False)
+            except Exception as exc:
+                log.debug("writeturn: closing the session failed: %r", exc)
+        if conn.invalidated:
+            self._ser._counters.connections_invalidated += 1
+        try:
+            await self.call(conn.close(), interruptible=False)
+        except Exception as exc:
+            log.warning("writeturn: returning a connection failed (%r)", exc)
+
+    def _release(self) -> None:
+        ser = self._ser
+        if self._gate_held:
+            assert ser._gate is not None
+            ser._gate.release(_GATE_KEY)
+            self._gate_held = False
+        ser._turns.release(self._h.key)

@@ -1,0 +1,180 @@
+"""What differs between SQLite and Postgres: every statement writeturn itself sends.
+
+A :class:`Dialect` begins a write transaction (taking the database lock in
+advisory mode), asks the driver to stop a running statement, and, on
+Postgres, learns the fate of a transaction whose COMMIT was cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any, Literal
+
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .errors import ConfigurationError, UnsupportedDatabase
+from .outcome import Outcome
+
+__all__ = [
+    "Dialect",
+    "SQLiteDialect",
+    "PostgresDialect",
+    "dialect_for",
+    "lock_id",
+    "SQLITE_SYNCHRONOUS",
+]
+
+log = logging.getLogger("writeturn")
+
+Coordination = Literal["turn", "advisory"]
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def lock_id(namespace: str, key: str) -> int:
+    """The signed 64-bit advisory lock key for (namespace, key).
+
+    A stable hash (BLAKE2b), identical in every process and on every machine;
+    Python's ``hash()`` is salted per process and would not be.
+    """
+    digest = hashlib.blake2b(f"{namespace}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class Dialect:
+    """The database-specific steps of a write; one instance per serializer."""
+
+    name: str = "?"
+    #: True when the database admits one writer at a time whatever the key
+    #: (SQLite): the serializer then also serializes writes across keys.
+    single_writer: bool = False
+
+    def __init__(self, coordination: Coordination, namespace: str) -> None:
+        self.coordination = coordination
+        self.namespace = namespace
+
+    async def begin(self, conn: AsyncConnection, key: str) -> int | None:
+        """Start the write transaction on ``conn``; return a transaction id if one is known."""
+        raise NotImplementedError
+
+    async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
+        """Ask the driver to stop the statement running on ``conn`` with an ordinary error."""
+        raise NotImplementedError
+
+    async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
+        """Learn, on a fresh connection, whether transaction ``xid`` committed."""
+        return Outcome.UNKNOWN
+
+
+class SQLiteDialect(Dialect):
+    """SQLite: every write begins IMMEDIATE, so it takes the write lock up front
+    (waiting up to the busy timeout) instead of failing at its first write
+    with "database is locked", which a DEFERRED transaction does whatever
+    the busy timeout says."""
+
+    name = "sqlite"
+    single_writer = True
+
+    async def begin(self, conn: AsyncConnection, key: str) -> int | None:
+        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return None
+
+    async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
+        driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+        if driver is not None:
+            await driver.interrupt()
+
+
+class PostgresDialect(Dialect):
+    """Postgres: in advisory mode the write's first statement takes
+    ``pg_advisory_xact_lock`` on the key, which Postgres releases at COMMIT,
+    ROLLBACK or disconnect (and which works behind PgBouncer in transaction
+    mode); it also reads the transaction id, so a COMMIT cut off by a lost
+    connection can be resolved afterwards with ``txid_status``."""
+
+    name = "postgresql"
+
+    _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id), txid_current()")
+    _STATUS = text("SELECT txid_status(:xid)")
+    _CANCEL = text("SELECT pg_cancel_backend(:pid)")
+
+    async def begin(self, conn: AsyncConnection, key: str) -> int | None:
+        if self.coordination != "advisory":
+            return None
+        row = (await conn.execute(self._LOCK, {"lock_id": lock_id(self.namespace, key)})).one()
+        return int(row[1])
+
+    async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
+        driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+        if driver is None:
+            return
+        pid = driver.get_server_pid()
+        async with engine.connect() as control:
+            await control.execute(self._CANCEL, {"pid": pid})
+            await control.rollback()
+
+    async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
+        if xid is None:
+            return Outcome.UNKNOWN
+        # The backend of the lost connection may still be finishing: poll
+        # until Postgres has decided (a few seconds at most).
+        for _ in range(50):
+            try:
+                async with engine.connect() as conn:
+                    status = (await conn.execute(self._STATUS, {"xid": xid})).scalar()
+                    await conn.rollback()
+            except Exception as exc:  # the server may still be unreachable
+                log.warning("writeturn: could not learn the outcome of xid %s: %s", xid, exc)
+                return Outcome.UNKNOWN
+            if status == "committed":
+                return Outcome.COMMITTED
+            if status == "aborted":
+                return Outcome.ROLLED_BACK
+            if status is None:  # too old to know (wrapped around): cannot tell
+                return Outcome.UNKNOWN
+            await asyncio.sleep(0.1)
+        return Outcome.UNKNOWN
+
+
+def dialect_for(engine: AsyncEngine, coordination: Coordination, namespace: str) -> Dialect:
+    """Pick the dialect for ``engine``, or raise :class:`UnsupportedDatabase`."""
+    name, driver = engine.dialect.name, engine.dialect.driver
+    if name == "sqlite" and driver == "aiosqlite":
+        return SQLiteDialect(coordination, namespace)
+    if name == "postgresql" and driver == "asyncpg":
+        return PostgresDialect(coordination, namespace)
+    raise UnsupportedDatabase(
+        f"engine uses {name}+{driver}; writeturn supports sqlite+aiosqlite and "
+        "postgresql+asyncpg. Create the engine with create_async_engine("
+        "'sqlite+aiosqlite:///app.db') or ('postgresql+asyncpg://user@host/db')"
+    )
+
+
+def configure_sqlite_engine(engine: AsyncEngine, *, synchronous: str, busy_timeout: float) -> None:
+    """Set the pragmas writeturn relies on for every new connection of an engine it owns.
+
+    WAL lets readers run beside the writer; ``synchronous=NORMAL`` in WAL mode
+    keeps the database consistent after a crash but may lose the last commits
+    on power loss, while ``FULL`` makes each COMMIT durable at the cost of a
+    flush per transaction.
+    """
+    sync = synchronous.upper()
+    if sync not in SQLITE_SYNCHRONOUS:
+        raise ConfigurationError(
+            f"sqlite_synchronous={synchronous!r} is not a SQLite synchronous level; "
+            f"use one of {', '.join(SQLITE_SYNCHRONOUS)} (NORMAL is the default, FULL is durable)"
+        )
+    timeout_ms = int(busy_timeout * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={sync}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={timeout_ms}")
+        finally:
+            cursor.close()

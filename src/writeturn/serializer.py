@@ -1,0 +1,521 @@
+"""The serializer: fair, ordered, cancellation-safe writes through one AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from ._transaction import Transaction
+from .dialects import Coordination, configure_sqlite_engine, dialect_for
+from .errors import (
+    ConfigurationError,
+    DatabaseUnreachable,
+    ReentrantWriteError,
+    SerializerClosed,
+    SerializerNotStarted,
+)
+from .handle import Reason, State, WriteHandle
+from .outcome import Outcome
+from .stats import Counters, SerializerStats
+from .turnlock import KeyStatistics, TurnLock
+from .urls import backend_of, normalize_url, redact
+
+__all__ = ["WriteSerializer", "TransactionContext"]
+
+log = logging.getLogger("writeturn")
+
+T = TypeVar("T")
+
+DEFAULT_KEY = ""
+_COORDINATIONS = ("turn", "advisory")
+
+# The turns the current task holds: (serializer, key, task) triples. A copied
+# context (a task a holder spawned) inherits the value, so the task is kept too.
+_HELD: ContextVar[tuple[tuple[WriteSerializer, str, asyncio.Task[Any]], ...]] = ContextVar(
+    "writeturn_held", default=()
+)
+
+
+class WriteSerializer:
+    """Per key, one write transaction at a time, in fair turns among writers; cancellation always ends in a clean rollback.
+
+    Guarantees (each one tested against the real database):
+
+    1. Mutual exclusion: per key, at most one write transaction is in progress
+       at a time: among this process's tasks (``coordination="turn"``), or
+       among all processes sharing the database (``"advisory"``).
+    2. Order: per (key, writer), writes start in submission order.
+    3. Alternation: per key, turns rotate round-robin among writers with
+       pending writes; ``writer=None`` makes each write its own writer.
+    4. Clean hand-over: a turn passes on only after COMMIT or ROLLBACK was
+       acknowledged (or the connection was discarded).
+    5. Cancellation: queued, the write is WITHDRAWN and never runs; running,
+       it is rolled back to completion, then the turn passes (ROLLED_BACK);
+       committing, the commit finishes and the outcome says what happened;
+       then the cancellation propagates. ``asyncio.timeout`` around any call
+       still raises ``TimeoutError``.
+    6. Outcome truth: ``outcome == COMMITTED`` iff the effects are in the database.
+    7. Re-entrancy: a write on a key whose turn this task holds raises
+       :class:`ReentrantWriteError` at once (on SQLite: any key, since SQLite
+       has one writer).
+    8. Timeouts: ``timeout`` bounds the whole write, waiting included, and
+       raises :class:`TurnTimeout` (WITHDRAWN if still queued, else ROLLED_BACK).
+
+    Example::
+
+        async with WriteSerializer.from_url("sqlite:///app.db") as ser:
+            async def deposit(session, account, amount):
+                await session.execute(update(...).values(balance=... + amount))
+            await ser.run(deposit, 42, 10, key="account:42", writer="billing")
+
+    Use from one event loop. ``WriteSerializer(engine)`` borrows the engine and
+    never disposes it; :meth:`from_url` creates and owns one.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        coordination: Coordination = "advisory",
+        namespace: str = "writeturn",
+        cancel_grace: float = 0.05,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigurationError(
+                f"WriteSerializer needs an AsyncEngine, got {type(engine).__name__}; create one "
+                "with sqlalchemy.ext.asyncio.create_async_engine(url), or use "
+                "WriteSerializer.from_url(url)"
+            )
+        if coordination not in _COORDINATIONS:
+            raise ConfigurationError(
+                f"coordination={coordination!r} is not a coordination mode; use 'advisory' "
+                "(database locks, safe across processes) or 'turn' (this process is the only "
+                "writer)"
+            )
+        if not isinstance(namespace, str) or not namespace:
+            raise ConfigurationError(
+                f"namespace={namespace!r} must be a non-empty string, e.g. namespace='myservice'"
+            )
+        self._cancel_grace = _check_seconds("cancel_grace", cancel_grace, allow_zero=True)
+        self._engine = engine
+        self._coordination: Coordination = coordination
+        self._namespace = namespace
+        self._dialect = dialect_for(engine, coordination, namespace)
+        self._owns_engine = False
+        self._turns = TurnLock()
+        # SQLite has one writer per database: writes of different keys also
+        # pass one at a time, so they never meet SQLite's own write lock.
+        self._gate = TurnLock() if self._dialect.single_writer else None
+        self._counters = Counters()
+        self._live: set[WriteHandle[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._state: Literal["new", "started", "closing", "closed"] = "new"
+        self._closed = asyncio.Event()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | URL,
+        *,
+        coordination: Coordination = "advisory",
+        namespace: str = "writeturn",
+        sqlite_synchronous: str | None = None,
+        sqlite_busy_timeout: float = 5.0,
+        cancel_grace: float = 0.05,
+        **engine_options: Any,
+    ) -> WriteSerializer:
+        """Create a serializer with an engine of its own, disposed by :meth:`close`.
+
+        Accepts ``sqlite+aiosqlite://`` and ``postgresql+asyncpg://`` URLs (plain
+        ``sqlite://`` and ``postgresql://`` are mapped to those drivers). SQLite
+        files get WAL, foreign keys, a busy timeout of ``sqlite_busy_timeout``
+        seconds and ``synchronous=sqlite_synchronous`` (NORMAL by default;
+        FULL makes every COMMIT durable against power loss, at the cost of a
+        flush each). ``engine_options`` go to ``create_async_engine``.
+        """
+        parsed = normalize_url(url)
+        backend = backend_of(parsed)
+        if backend != "sqlite" and sqlite_synchronous is not None:
+            raise ConfigurationError(
+                f"sqlite_synchronous={sqlite_synchronous!r} applies to SQLite only, and "
+                f"{redact(parsed)} is {backend}; drop the option"
+            )
+        busy = _check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
+        engine = create_async_engine(parsed, **engine_options)
+        if backend == "sqlite":
+            configure_sqlite_engine(
+                engine, synchronous=sqlite_synchronous or "NORMAL", busy_timeout=busy
+            )
+        try:
+            ser = cls(
+                engine, coordination=coordination, namespace=namespace, cancel_grace=cancel_grace
+            )
+        except BaseException:
+            engine.sync_engine.dispose()
+            raise
+        ser._owns_engine = True
+        return ser
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check that the database answers, and accept writes. Idempotent."""
+        if self._state == "started":
+            return
+        if self._state != "new":
+            raise SerializerClosed(
+                "this WriteSerializer is closed; create a new one instead of restarting it"
+            )
+        try:
+            async with self._engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+                await conn.rollback()
+        except Exception as exc:
+            raise DatabaseUnreachable(
+                f"cannot reach {redact(self._engine.url)}: {_scrub(exc, self._engine.url)}; "
+                "check that the server runs and the URL is right"
+            ) from None
+        self._state = "started"
+
+    async def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting writes, settle the ones in flight, and dispose an owned engine.
+
+        ``drain=True`` lets queued writes run (for at most ``timeout`` seconds,
+        if given, after which the rest are stopped as with ``drain=False``);
+        ``drain=False`` withdraws queued writes and rolls back running ones,
+        which then raise :class:`SerializerClosed`. Idempotent: a second call
+        waits for the first.
+        """
+        if timeout is not None:
+            timeout = _check_seconds("timeout", timeout, allow_zero=True)
+        if self._state in ("closing", "closed"):
+            await self._closed.wait()
+            return
+        self._state = "closing"
+        try:
+            if not drain:
+                self._stop_all()
+            elif timeout is not None:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+                except TimeoutError:
+                    self._stop_all()
+            await self._idle.wait()
+        finally:
+            if self._owns_engine:
+                await self._engine.dispose()
+            self._state = "closed"
+            self._closed.set()
+
+    async def __aenter__(self) -> WriteSerializer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(drain=exc_type is None)
+
+    def _stop_all(self) -> None:
+        for h in list(self._live):
+            h._interrupt(Reason.CLOSE)
+
+    # -- writing -----------------------------------------------------------------
+
+    def transaction(
+        self, *, key: str | None = None, writer: str | None = None, timeout: float | None = None
+    ) -> TransactionContext:
+        """Wait for the turn on ``key``, then run the block in one transaction on a session.
+
+        The block gets a :class:`WriteSession` (an AsyncSession): it commits
+        when the block exits cleanly and rolls back when it raises or is
+        cancelled. The write's handle is ``ctx.handle``. Example::
+
+            async with ser.transaction(key="account:42", writer="billing") as session:
+                await session.execute(...)
+        """
+        h: WriteHandle[None] = self._new_handle(None, (), None, key, writer, timeout)
+        return TransactionContext(self, h)
+
+    def submit(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        key: str | None = None,
+        writer: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> WriteHandle[T]:
+        """Queue ``fn(session, *args, **kwargs)`` to run in one transaction; return its handle at once.
+
+        The write takes its turn on ``key`` (None: one serializer-wide key) as
+        ``writer`` (None: its own writer). ``timeout`` bounds the whole write,
+        waiting included. Awaiting the handle returns ``fn``'s result once the
+        transaction committed.
+        """
+        if not callable(fn):
+            raise ConfigurationError(
+                f"submit() needs an async function taking the session first, got {fn!r}"
+            )
+        h: WriteHandle[T] = self._new_handle(fn, args, kwargs or None, key, writer, timeout)
+        h._context = contextvars.copy_context()
+        self._enter(h)
+        if self._turns.enqueue(h.key, h):
+            h.on_grant()
+        return h
+
+    async def run(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        key: str | None = None,
+        writer: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Submit ``fn`` and await its result: ``await ser.submit(...)`` in one call."""
+        return await self.submit(fn, *args, key=key, writer=writer, timeout=timeout, **kwargs)
+
+    # -- introspection -------------------------------------------------------------
+
+    def stats(self) -> SerializerStats:
+        """A snapshot of the counters (see :class:`SerializerStats`)."""
+        queued = self._turns.statistics().waiting
+        return self._counters.snapshot(queued=queued, running=len(self._live) - queued)
+
+    def key_statistics(self, key: str | None = None) -> KeyStatistics:
+        """Who holds ``key``'s turn and which writers wait, in turn order."""
+        return self._turns.key_statistics(_check_key(key))
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine writes go through (readers may use it directly)."""
+        return self._engine
+
+    @property
+    def coordination(self) -> Coordination:
+        return self._coordination
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<WriteSerializer {redact(self._engine.url)} coordination={self._coordination} "
+            f"{self._state} queued={s.queued} running={s.running}>"
+        )
+
+    # -- internals shared with handles and transactions ------------------------------
+
+    def _new_handle(
+        self,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        key: str | None,
+        writer: str | None,
+        timeout: float | None,
+    ) -> WriteHandle[Any]:
+        if self._state != "started":
+            if self._state == "new":
+                raise SerializerNotStarted()
+            raise SerializerClosed(
+                f"this WriteSerializer is {self._state}; it accepts no new writes"
+            )
+        k = _check_key(key)
+        if writer is not None and not isinstance(writer, str):
+            raise ConfigurationError(
+                f"writer must be a string naming who writes (e.g. writer='billing') or None, "
+                f"got {writer!r}"
+            )
+        if timeout is not None:
+            timeout = _check_seconds("timeout", timeout, allow_zero=False)
+        self._check_reentrant(k)
+        return WriteHandle(self, k, writer, fn, args, kwargs, timeout)
+
+    def _check_reentrant(self, key: str) -> None:
+        task = asyncio.current_task()
+        for ser, held, owner in _HELD.get():
+            if ser is self and owner is task and (held == key or self._gate is not None):
+                where = (
+                    "SQLite has a single writer, so any write"
+                    if self._gate is not None and held != key
+                    else f"a write on key {key!r}"
+                )
+                raise ReentrantWriteError(
+                    f"{where} started inside this task's turn on key {held!r} would wait for "
+                    "that turn forever; do the work in the same transaction (use the session "
+                    "you already have), or start the write after the turn ends"
+                )
+
+    def _enter(self, h: WriteHandle[Any]) -> None:
+        """Count ``h`` as live and arm its timeout; it is about to be queued."""
+        self._live.add(h)
+        self._idle.clear()
+        if h._timeout is not None:
+            h._timer = asyncio.get_running_loop().call_later(h._timeout, h._expire)
+
+    def _forget(self, h: WriteHandle[Any]) -> None:
+        self._live.discard(h)
+        if not self._live:
+            self._idle.set()
+
+    def _start_worker(self, h: WriteHandle[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._work(h), context=h._context)
+        h._task = task
+        task.add_done_callback(lambda t: self._worker_done(h))
+
+    async def _work(self, h: WriteHandle[Any]) -> None:
+        task = asyncio.current_task()
+        assert task is not None and h._fn is not None
+        fn, args, kwargs = h._fn, h._args, h._kwargs or {}
+        _HELD.set((*_HELD.get(), (self, h.key, task)))
+        try:
+            async with Transaction(self, h, 0) as session:
+                pending = fn(session, *args, **kwargs)
+                if not inspect.isawaitable(pending):
+                    raise ConfigurationError(
+                        f"the write function {_name(fn)} returned {type(pending).__name__}, not "
+                        "an awaitable; it must be an `async def` taking the session first"
+                    )
+                result = await pending
+        except (Exception, asyncio.CancelledError) as exc:
+            h._finish(exception=exc)
+        else:
+            h._finish(result=result)
+
+    def _worker_done(self, h: WriteHandle[Any]) -> None:
+        if h._state is State.DONE:
+            return
+        # Cancelled before its first step, the task ran no code: the turn it
+        # was granted is still held. Pass it on; the write never began.
+        log.debug("writeturn: write on key %r stopped before it began", h.key)
+        self._turns.release(h.key)
+        h._set_outcome(Outcome.WITHDRAWN)
+        h._finish(exception=h._reason_exception() or asyncio.CancelledError())
+
+
+class TransactionContext:
+    """``async with ser.transaction(...) as session``: waits for the turn, then one transaction."""
+
+    __slots__ = ("_ser", "handle", "_txn", "_token")
+
+    def __init__(self, ser: WriteSerializer, handle: WriteHandle[None]) -> None:
+        self._ser = ser
+        self.handle = handle
+        self._txn: Transaction | None = None
+        self._token: contextvars.Token[Any] | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        ser, h = self._ser, self.handle
+        if self._txn is not None or h._state is not State.QUEUED:
+            raise ConfigurationError(
+                "this transaction() context was already entered; call ser.transaction() again "
+                "for another write"
+            )
+        task = asyncio.current_task()
+        assert task is not None
+        entry_cancelling = task.cancelling()
+        h._task = task
+        ser._enter(h)
+        if not ser._turns.enqueue(h.key, h):
+            h._grant = asyncio.get_running_loop().create_future()
+            try:
+                await h._grant
+            except BaseException as exc:
+                if not h.done():
+                    if not ser._turns.withdraw(h.key, h):
+                        ser._turns.release(h.key)  # granted as we were cancelled: pass it on
+                    h._set_outcome(Outcome.WITHDRAWN)
+                    final = h._cancellation(exc, task, entry_cancelling)
+                    h._finish(exception=final)
+                    if final is not exc:
+                        raise final from None
+                raise
+        self._token = _HELD.set((*_HELD.get(), (ser, h.key, task)))
+        self._txn = Transaction(ser, h, entry_cancelling)
+        try:
+            return await self._txn.__aenter__()
+        except BaseException as exc:
+            self._reset()
+            h._finish(exception=exc)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._txn is not None
+        try:
+            suppress = await self._txn.__aexit__(exc_type, exc, tb)
+        except BaseException as final:
+            self.handle._finish(exception=final)
+            raise
+        finally:
+            self._reset()
+        self.handle._finish(exception=exc)
+        return suppress
+
+    def _reset(self) -> None:
+        if self._token is not None:
+            _HELD.reset(self._token)
+            self._token = None
+
+
+def _check_key(key: object) -> str:
+    if key is None:
+        return DEFAULT_KEY
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(
+            f"key must be a non-empty string or None, got {key!r}; name what the write "
+            "protects, e.g. key=f'account:{account_id}'"
+        )
+    return key
+
+
+def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ConfigurationError(
+            f"{name}={value!r} must be a finite number of seconds, {bound} (e.g. {name}=2.0)"
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
+def _scrub(exc: BaseException, url: URL) -> str:
+    """A one-line description of ``exc`` with the URL's password masked."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
