@@ -47,7 +47,7 @@ _GUARDED = (
 
 
 class WriteSession(AsyncSession):
-    """An AsyncSession inside one writeturn transaction: cancellation reaches it only between statements.
+    """An AsyncSession in one writeturn transaction: cancellations land only between statements.
 
     writeturn owns the transaction: it commits when the write function returns
     and rolls back when it raises. ``commit()`` and ``rollback()`` therefore

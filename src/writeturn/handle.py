@@ -182,7 +182,7 @@ class WriteHandle(Waiter, Generic[T]):
             exc = self._reason_exception()
             if self._grant is None:
                 self._finish(exception=exc)
-            elif exc is None:
+            elif isinstance(exc, asyncio.CancelledError):
                 self._grant.cancel()
             else:
                 self._grant.set_exception(exc)
@@ -201,8 +201,8 @@ class WriteHandle(Waiter, Generic[T]):
             self._timer.cancel()
             self._timer = None
 
-    def _reason_exception(self) -> BaseException | None:
-        """The exception that reports an interruption by writeturn (None: CancelledError)."""
+    def _reason_exception(self) -> BaseException:
+        """The exception that reports why writeturn interrupted this write."""
         where = "while queued" if self._outcome is Outcome.WITHDRAWN else "while running"
         if self._reason is Reason.TIMEOUT:
             return TurnTimeout(
@@ -215,7 +215,7 @@ class WriteHandle(Waiter, Generic[T]):
                 f"write on key {self.key!r} (writer {self.writer!r}) was stopped {where} by "
                 f"close(drain=False); outcome {self._outcome.value}"
             )
-        return None
+        return asyncio.CancelledError()
 
     def _cancellation(
         self, cause: BaseException | None, task: asyncio.Task[Any], entry_cancelling: int
@@ -227,13 +227,15 @@ class WriteHandle(Waiter, Generic[T]):
         somebody else cancelled the task too, in which case their
         ``CancelledError`` propagates, as ``asyncio.timeout`` does it.
         """
-        if self._reason in (Reason.TIMEOUT, Reason.CLOSE) and self._outcome is not Outcome.COMMITTED:
+        if (
+            self._reason in (Reason.TIMEOUT, Reason.CLOSE)
+            and self._outcome is not Outcome.COMMITTED
+        ):
             for _ in range(self._cancels_sent):
                 task.uncancel()
             self._cancels_sent = 0
             if task.cancelling() <= entry_cancelling:
                 exc = self._reason_exception()
-                assert exc is not None
                 if cause is not None and not isinstance(cause, asyncio.CancelledError):
                     exc.__cause__ = cause
                 return exc

@@ -7,7 +7,7 @@ import enum
 __all__ = ["Outcome"]
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """The truthful end state of one write.
 
     ``COMMITTED`` if and only if the write's effects are in the database.
@@ -23,6 +23,3 @@ class Outcome(str, enum.Enum):
     """The write left the queue before its turn; its function never ran."""
     UNKNOWN = "unknown"
     """The connection died while COMMIT was in flight and the result could not be learned."""
-
-    def __str__(self) -> str:
-        return self.value

@@ -47,7 +47,7 @@ _HELD: ContextVar[tuple[tuple[WriteSerializer, str, asyncio.Task[Any]], ...]] = 
 
 
 class WriteSerializer:
-    """Per key, one write transaction at a time, in fair turns among writers; cancellation always ends in a clean rollback.
+    """Per key, one write at a time, in fair turns; a cancelled write always rolls back cleanly.
 
     Guarantees (each one tested against the real database):
 
@@ -261,7 +261,7 @@ class WriteSerializer:
         timeout: float | None = None,
         **kwargs: Any,
     ) -> WriteHandle[T]:
-        """Queue ``fn(session, *args, **kwargs)`` to run in one transaction; return its handle at once.
+        """Queue ``fn(session, *args, **kwargs)`` for one transaction; return its handle at once.
 
         The write takes its turn on ``key`` (None: one serializer-wide key) as
         ``writer`` (None: its own writer). ``timeout`` bounds the whole write,
@@ -411,7 +411,7 @@ class WriteSerializer:
         log.debug("writeturn: write on key %r stopped before it began", h.key)
         self._turns.release(h.key)
         h._set_outcome(Outcome.WITHDRAWN)
-        h._finish(exception=h._reason_exception() or asyncio.CancelledError())
+        h._finish(exception=h._reason_exception())
 
 
 class TransactionContext:
