@@ -14,6 +14,8 @@ Rules (the public promise of :class:`writeturn.TurnLock`):
 * Anonymous entries (``writer=None``) are each their own writer, so among
   themselves they run in arrival order.
 * Withdrawal is O(1) and lazy: a withdrawn entry is marked and skipped later.
+* An entry is queued once: after it was granted or withdrawn it cannot be
+  pushed again (a stale copy may still lie in its old place).
 """
 
 from __future__ import annotations
@@ -37,22 +39,28 @@ class Entry:
     def __init__(self, writer: Hashable | None) -> None:
         self.writer = writer
         # Where the entry waits: its writer's lane, _ANONYMOUS for an entry
-        # that is its own writer, None once granted or withdrawn.
-        self._lane: _Lane[Any] | _Anonymous | None = None
+        # that is its own writer; None before it is queued, _SPENT after.
+        self._lane: _Lane[Any] | _Marker | None = None
 
     @property
     def queued(self) -> bool:
         """True while the entry waits in a queue."""
-        return self._lane is not None
+        lane = self._lane
+        return lane is not None and lane is not _SPENT
 
 
-class _Anonymous:
-    """Marks an entry queued on its own: it sits in the ring directly."""
+class _Marker:
+    __slots__ = ("name",)
 
-    __slots__ = ()
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-_ANONYMOUS = _Anonymous()
+_ANONYMOUS = _Marker("<anonymous>")  # queued on its own: it sits in the ring directly
+_SPENT = _Marker("<spent>")  # granted or withdrawn
 
 E = TypeVar("E", bound=Entry)
 
@@ -99,7 +107,10 @@ class TurnQueue(Generic[E]):
 
     def push(self, entry: E) -> None:
         """Append ``entry`` behind its writer's earlier entries."""
-        assert entry._lane is None, "entry is already queued"
+        if entry._lane is not None:
+            raise ValueError(
+                f"{entry!r} was already queued; an entry is queued once, so make a new one"
+            )
         self._live += 1
         if entry.writer is None:
             entry._lane = _ANONYMOUS
@@ -117,9 +128,9 @@ class TurnQueue(Generic[E]):
     def withdraw(self, entry: E) -> bool:
         """Remove ``entry`` if it is still queued; return whether it was."""
         lane = entry._lane
-        if lane is None:
+        if lane is None or lane is _SPENT:
             return False
-        entry._lane = None
+        entry._lane = _SPENT
         self._live -= 1
         if isinstance(lane, _Lane):
             lane.live -= 1
@@ -133,9 +144,9 @@ class TurnQueue(Generic[E]):
         while ring:
             item = ring.popleft()
             if not isinstance(item, _Lane):
-                if item._lane is None:  # a withdrawn anonymous entry
+                if item._lane is not _ANONYMOUS:  # a withdrawn anonymous entry
                     continue
-                item._lane = None
+                item._lane = _SPENT
                 self._live -= 1
                 return item
             lane = item
@@ -146,7 +157,7 @@ class TurnQueue(Generic[E]):
                 entry = entries.popleft()
                 if entry._lane is lane:
                     break
-            entry._lane = None
+            entry._lane = _SPENT
             lane.live -= 1
             self._live -= 1
             if lane.live:
@@ -164,7 +175,7 @@ class TurnQueue(Generic[E]):
             if isinstance(item, _Lane):
                 if not item.dead:
                     order.append(item.writer_id)
-            elif item._lane is not None:
+            elif item._lane is _ANONYMOUS:
                 order.append(None)
         return order
 
