@@ -6,6 +6,7 @@ so a password never leaves the process in text.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from sqlalchemy.engine import URL, make_url
@@ -31,22 +32,28 @@ SUPPORTED_FORMS = (
 )
 
 
+# user:password@ anywhere in the text (a scheme may be missing or mistyped).
+_USERINFO = re.compile(r"(?P<user>(?:^|(?<=[/\s]))[^\s/:@?#]*):(?P<secret>[^\s@/][^\s@]*|)@")
+# password=..., pass=... or pwd=... in a query string or key=value text.
+_QUERY_SECRET = re.compile(r"(?P<name>\b(?:password|passwd|pass|pwd)=)(?P<secret>[^&\s;]*)", re.I)
+
+
 def redact(url: str | URL) -> str:
     """Return ``url`` as text with any password replaced by ``***``.
 
-    Text that is not a parseable URL is returned with everything between
-    ``://`` and ``@`` masked, so even a malformed URL cannot leak a secret.
+    Covers the password of ``user:password@host``, a ``password=`` query
+    parameter, and text that is not a parseable URL at all, so even a
+    malformed URL cannot leak a secret.
     """
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError, TypeError):
-        text = str(url)
-        scheme, sep, rest = text.partition("://")
-        if sep and "@" in rest:
-            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-        return text
+        text = url.render_as_string(hide_password=True)
+    else:
+        try:
+            text = make_url(url).render_as_string(hide_password=True)
+        except (ArgumentError, ValueError, TypeError):
+            text = str(url)
+    text = _USERINFO.sub(lambda m: f"{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['name']}***", text)
 
 
 def normalize_url(url: str | URL) -> URL:
