@@ -1,0 +1,923 @@
+"""Schema migrations for writeturn's own tables, under a lock that admits one migrator at a time.
+
+Three layers:
+
+* :func:`lock` / :func:`lock_async`: the migration lock, also offered for an
+  application's own Alembic environment. On Postgres it is a session-level
+  advisory lock (``pg_advisory_lock``) on the migration connection; on SQLite
+  an exclusive ``flock`` on a lock file next to the database file.
+* :func:`upgrade`, :func:`downgrade`, :func:`current`, :func:`history` (and the
+  ``*_async`` variants): run the library's Alembic scripts programmatically,
+  from a source checkout or an installed wheel.
+* :func:`register_cli`: the ``writeturn migrate`` command.
+
+The Alembic environment (``env.py`` of the scripts) serves both the
+``alembic`` command and this module; settings travel in
+``Config.attributes`` under the ``ATTR_*`` keys below, never as ini text, so a
+database password is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib.resources
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
+from .schema import VERSION_TABLE
+from .urls import Backend, backend_of, normalize_url, redact
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "DEFAULT_LOCK_TIMEOUT",
+    "VERSION_TABLE",
+    "URL_ENV",
+    "MigrationLockTimeout",
+    "MigrationResult",
+    "lock_key",
+    "lock",
+    "lock_async",
+    "default_script_location",
+    "upgrade",
+    "downgrade",
+    "current",
+    "history",
+    "upgrade_async",
+    "downgrade_async",
+    "current_async",
+    "register_cli",
+]
+
+log = logging.getLogger("writeturn")
+
+DEFAULT_NAMESPACE = "writeturn"
+DEFAULT_LOCK_TIMEOUT = 60.0
+#: Environment variable naming the database when no URL is given.
+URL_ENV = "WRITETURN_DATABASE_URL"
+#: Test-only: seconds env.py sleeps after applying each revision, still inside
+#: the locked region and the open transaction, so tests can make runs overlap.
+TEST_DELAY_ENV = "WRITETURN_MIGRATION_TEST_DELAY"
+
+# Keys of alembic's Config.attributes that this module and env.py share.
+ATTR_CONNECTION = "connection"  # the name Alembic's cookbook uses for a shared connection
+ATTR_NAMESPACE = "writeturn.namespace"
+ATTR_LOCK_TIMEOUT = "writeturn.lock_timeout"
+ATTR_LOCK_HELD = "writeturn.lock_held"
+ATTR_STEPS = "writeturn.steps"
+
+_APPLICATION_NAME = "writeturn-migrate"
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+_POLL_FIRST, _POLL_MAX = 0.005, 0.1
+
+
+class MigrationLockTimeout(WriteturnError, TimeoutError):
+    """The migration lock was not acquired within the lock timeout; nothing was migrated."""
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What one upgrade or downgrade did, read while it still held the migration lock."""
+
+    steps: tuple[str, ...]
+    """Revisions applied (upgrade) or reverted (downgrade) by this run, in order; empty if none."""
+    revision: str | None
+    """The database's revision when the run ended; ``None`` means base (no revision)."""
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def lock_key(namespace: str, name: str) -> int:
+    """Return the same signed 64-bit advisory lock key for (namespace, name) in every process.
+
+    BLAKE2b is stable across processes, machines and Python versions, unlike
+    the salted built-in ``hash()``.
+    """
+    digest = hashlib.blake2b(f"{namespace}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass(frozen=True)
+class _LockName:
+    namespace: str
+    name: str
+    key: int
+
+    @classmethod
+    def checked(cls, namespace: str, name: str, timeout: float) -> _LockName:
+        if not isinstance(namespace, str) or not namespace:
+            raise ConfigurationError(f"namespace must be a non-empty string, not {namespace!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"lock name must be a non-empty string, not {name!r}")
+        _check_timeout(timeout)
+        return cls(namespace, name, lock_key(namespace, name))
+
+    def describe(self) -> str:
+        return f"migration lock (namespace={self.namespace!r}, table={self.name!r}, key={self.key})"
+
+
+def _check_timeout(timeout: float) -> None:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ConfigurationError(
+            f"lock timeout must be a positive number of seconds, not {timeout!r}"
+        )
+
+
+def _backend_of_connection(connection: Connection | AsyncConnection) -> Backend:
+    name = connection.dialect.name
+    if name == "postgresql":
+        return "postgresql"
+    if name == "sqlite":
+        return "sqlite"
+    raise UnsupportedDatabase(
+        f"the migration lock supports Postgres and SQLite, not {name!r} "
+        f"(connection to {redact(connection.engine.url)})"
+    )
+
+
+def _invalidate_quietly(connection: Connection) -> None:
+    # Closing the session is what surely drops a Postgres session lock.
+    with contextlib.suppress(Exception):
+        connection.invalidate()
+
+
+# Postgres ------------------------------------------------------------------
+
+_PG_TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
+_PG_LOCK = text("SELECT pg_advisory_lock(:key)")
+_PG_UNLOCK = text("SELECT pg_advisory_unlock(:key)")
+_PG_GET_LOCK_TIMEOUT = text("SELECT current_setting('lock_timeout')")
+_PG_SET_LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :value, true)")
+
+
+def _pg_holders_sql(key: int) -> str:
+    # pg_locks shows a bigint advisory key as classid (high 32 bits), objid
+    # (low 32 bits) and objsubid 1.
+    return (
+        "SELECT l.pid, a.application_name, a.client_addr, a.backend_start, a.state "
+        "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted "
+        f"AND l.classid = {(key >> 32) & 0xFFFFFFFF} AND l.objid = {key & 0xFFFFFFFF} "
+        "AND l.objsubid = 1 "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+
+def _pg_holders(connection: Connection, lk: _LockName) -> str:
+    """Describe who holds the lock, best effort: the timeout message must not fail itself."""
+    idle = not connection.in_transaction()
+    try:
+        rows = connection.exec_driver_sql(_pg_holders_sql(lk.key)).all()
+    except Exception:
+        return "unknown"
+    finally:
+        if idle:
+            with contextlib.suppress(Exception):
+                connection.rollback()
+    if not rows:
+        return "nobody now (it was just released)"
+    return ", ".join(f"pid {row[0]} (application_name={row[1]!r})" for row in rows)
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def _pg_acquire(connection: Connection, lk: _LockName, timeout: float) -> None:
+    """Take the session-level advisory lock, waiting at most ``timeout`` seconds.
+
+    The wait happens in the server (``lock_timeout``), so waiters queue there
+    and an async caller's event loop is not blocked.
+    """
+    # Wait in a savepoint (inside a caller's transaction) or in a transaction of
+    # our own, so a timed-out wait aborts only that. The lock_timeout is set
+    # LOCAL and put back, so it never outlives the wait.
+    scope = connection.begin_nested() if connection.in_transaction() else connection.begin()
+    try:
+        with scope:
+            if connection.scalar(_PG_TRY_LOCK, {"key": lk.key}):
+                return
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "waiting up to %gs for the %s, held by %s",
+                    timeout,
+                    lk.describe(),
+                    _pg_holders(connection, lk),
+                )
+            previous = connection.scalar(_PG_GET_LOCK_TIMEOUT)
+            millis = max(1, math.ceil(timeout * 1000))
+            connection.execute(_PG_SET_LOCK_TIMEOUT, {"value": f"{millis}ms"})
+            connection.execute(_PG_LOCK, {"key": lk.key})
+            connection.execute(_PG_SET_LOCK_TIMEOUT, {"value": previous})
+    except DBAPIError as exc:
+        if _sqlstate(exc) != _PG_LOCK_NOT_AVAILABLE:
+            _invalidate_quietly(connection)
+            raise
+        raise MigrationLockTimeout(
+            f"timed out after {timeout:g}s waiting for the {lk.describe()} on "
+            f"{redact(connection.engine.url)}; it is held by {_pg_holders(connection, lk)}; "
+            f"find the holder with: {_pg_holders_sql(lk.key)}"
+        ) from exc
+    except BaseException:
+        # Interrupted mid-wait: whether the server granted the lock is unknown.
+        _invalidate_quietly(connection)
+        raise
+
+
+def _pg_unlock(connection: Connection, lk: _LockName) -> bool:
+    idle = not connection.in_transaction()
+    released = bool(connection.scalar(_PG_UNLOCK, {"key": lk.key}))
+    if idle:
+        connection.commit()
+    return released
+
+
+def _pg_release(connection: Connection, lk: _LockName) -> None:
+    """Release the advisory lock; if that fails, end the session, which releases it too."""
+    try:
+        try:
+            released = _pg_unlock(connection, lk)
+        except DBAPIError:
+            if not connection.in_transaction():
+                raise
+            # A failed Postgres transaction refuses every statement, the unlock included.
+            connection.rollback()
+            released = _pg_unlock(connection, lk)
+    except BaseException as exc:
+        log.warning("could not release the %s (%s); closing its connection", lk.describe(), exc)
+        _invalidate_quietly(connection)
+        if not isinstance(exc, Exception):
+            raise
+        return
+    if not released:
+        log.warning("the %s was no longer held when released", lk.describe())
+
+
+# SQLite --------------------------------------------------------------------
+
+
+def _sqlite_database_path(connection: Connection) -> Path:
+    idle = not connection.in_transaction()
+    rows = connection.exec_driver_sql("PRAGMA database_list").all()
+    if idle:
+        connection.commit()
+    for row in rows:
+        if row[1] == "main" and row[2]:
+            # The real path: two spellings of one file (symlinks) must share one lock file.
+            return Path(row[2]).resolve()
+    raise ConfigurationError(
+        f"the migration lock needs a SQLite database file; {redact(connection.engine.url)} "
+        "is in memory or temporary"
+    )
+
+
+def _sqlite_lock_path(database: Path, lk: _LockName) -> Path:
+    # One file per (namespace, name), like one advisory key on Postgres; the
+    # key in hex keeps arbitrary namespace text out of the file name.
+    return database.with_name(f"{database.name}.migrate-{lk.key & 0xFFFFFFFFFFFFFFFF:016x}.lock")
+
+
+class _FileLock:
+    """An exclusive ``flock`` on a lock file beside the database.
+
+    ``flock`` excludes every other open of the file, in other processes and in
+    this one, and the kernel drops it when the holder's process dies, so a
+    killed migrator never leaves a stale lock. The file itself stays: deleting
+    a lock file races with processes about to lock it. Needs local file
+    locking (not reliable on some network file systems).
+    """
+
+    def __init__(self, path: Path, lk: _LockName, database: Path) -> None:
+        self.path, self.lk, self.database = path, lk, database
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        import fcntl  # POSIX only: imported here so the rest of the module imports anywhere
+
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        # Tell the next waiter who holds it (cleared at release).
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return True
+
+    def waits(self, timeout: float) -> Iterator[float]:
+        """Yield sleep durations until the lock is taken; raise at the deadline."""
+        deadline = time.monotonic() + timeout
+        delay = _POLL_FIRST
+        while not self.try_acquire():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close()
+                raise MigrationLockTimeout(
+                    f"timed out after {timeout:g}s waiting for the {self.lk.describe()} on "
+                    f"SQLite database {self.database}: lock file {self.path} is held "
+                    f"{self._holder()}; find the holder with `fuser -v {self.path}` "
+                    f"or `lsof {self.path}`"
+                )
+            if delay == _POLL_FIRST:
+                log.info("waiting up to %gs for the %s", timeout, self.lk.describe())
+            yield min(delay, remaining)
+            delay = min(delay * 2, _POLL_MAX)
+
+    def _holder(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            pid = ""
+        return f"by pid {pid} (as recorded in the file)" if pid.isdigit() else "by another process"
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        # Closing the descriptor also drops the flock.
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _sqlite_file_lock(connection: Connection, lk: _LockName) -> _FileLock:
+    database = _sqlite_database_path(connection)
+    return _FileLock(_sqlite_lock_path(database, lk), lk, database)
+
+
+# Public context managers ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def lock(
+    connection: Connection,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    name: str = "alembic_version",
+    timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Iterator[None]:
+    """Hold the migration lock for (namespace, name) so that one migrator at a time runs.
+
+    ``connection`` is a SQLAlchemy sync :class:`~sqlalchemy.engine.Connection`,
+    such as the one ``env.py`` gets inside ``run_sync``; it must stay open for
+    the whole block. Waits at most ``timeout`` seconds, then raises
+    :class:`MigrationLockTimeout` naming the lock and how to find its holder.
+    ``name`` is conventionally the version table the lock guards; writeturn's
+    own runs use ``namespace="writeturn", name="writeturn_alembic_version"``,
+    so an application's lock on its own version table never waits for them.
+
+    Postgres: a session-level ``pg_advisory_lock`` on ``connection``, so
+    commits inside the block (per-migration transactions, autocommit blocks)
+    keep it; released at the end of the block, and by the server if the
+    session dies. If the unlock fails the connection is invalidated (closed)
+    so the lock cannot leak into a pool. If the block raises while a failed
+    transaction is open, that transaction is rolled back first.
+
+    SQLite: an exclusive ``flock`` on ``<database file>.migrate-<key>.lock``,
+    dropped by the kernel if the process dies.
+
+    Take it before Alembic reads the version table, i.e. around
+    ``context.configure`` and ``run_migrations``, so a migrator that waited
+    sees what the previous one applied::
+
+        from writeturn.migrations import lock
+
+        def do_run_migrations(connection):
+            with lock(connection, namespace="myapp", name="alembic_version"):
+                context.configure(connection=connection, target_metadata=target_metadata)
+                with context.begin_transaction():
+                    context.run_migrations()
+    """
+    lk = _LockName.checked(namespace, name, timeout)
+    if _backend_of_connection(connection) == "postgresql":
+        _pg_acquire(connection, lk, timeout)
+        try:
+            yield
+        finally:
+            _pg_release(connection, lk)
+        return
+    file_lock = _sqlite_file_lock(connection, lk)
+    try:
+        for delay in file_lock.waits(timeout):
+            time.sleep(delay)
+    except BaseException:
+        file_lock.close()
+        raise
+    try:
+        yield
+    finally:
+        file_lock.release()
+
+
+@contextlib.asynccontextmanager
+async def lock_async(
+    connection: AsyncConnection,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    name: str = "alembic_version",
+    # A deadline, not asyncio.timeout(): cancelling a wait the server is
+    # running would leave unknown whether the lock was granted.
+    timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> AsyncIterator[None]:
+    """Hold the migration lock like :func:`lock`, on an ``AsyncConnection``, without blocking.
+
+    Waiting for it does not block the event loop. Useful to take the lock
+    before ``await connection.run_sync(...)`` runs Alembic; the guarantees are
+    those of :func:`lock`.
+    """
+    lk = _LockName.checked(namespace, name, timeout)
+    if _backend_of_connection(connection) == "postgresql":
+        await connection.run_sync(_pg_acquire, lk, timeout)
+        try:
+            yield
+        finally:
+            await connection.run_sync(_pg_release, lk)
+        return
+    file_lock = await connection.run_sync(_sqlite_file_lock, lk)
+    try:
+        for delay in file_lock.waits(timeout):
+            await asyncio.sleep(delay)
+    except BaseException:
+        file_lock.close()
+        raise
+    try:
+        yield
+    finally:
+        file_lock.release()
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def default_script_location() -> str:
+    """Return the directory of the library's Alembic scripts, from a wheel or a source checkout.
+
+    An installed wheel ships them as the ``writeturn/_migrations`` package
+    data; a source checkout (editable install) has them in ``migrations/`` at
+    the repository root.
+    """
+    with contextlib.suppress(Exception):  # e.g. a namespace or zipped package
+        packaged = importlib.resources.files("writeturn") / "_migrations"
+        if packaged.is_dir() and (packaged / "env.py").is_file():
+            return str(packaged)
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if (checkout / "env.py").is_file():
+        return str(checkout)
+    raise ConfigurationError(
+        "cannot find writeturn's migration scripts: neither the installed package's "
+        "writeturn/_migrations nor a source checkout's migrations/ directory exists; "
+        "reinstall writeturn"
+    )
+
+
+def _config(
+    script_location: str | os.PathLike[str] | None,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Config:
+    location = os.fspath(script_location) if script_location is not None else None
+    cfg = Config()
+    # set_main_option goes through configparser interpolation: escape '%'.
+    cfg.set_main_option(
+        "script_location", (location or default_script_location()).replace("%", "%%")
+    )
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes[ATTR_NAMESPACE] = namespace
+    cfg.attributes[ATTR_LOCK_TIMEOUT] = lock_timeout
+    return cfg
+
+
+def _script_directory(script_location: str | os.PathLike[str] | None = None) -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config(script_location))
+
+
+def history(*, script_location: str | os.PathLike[str] | None = None) -> list[str]:
+    """Return the library's revision ids, oldest first; reads no database.
+
+    ``script_location`` (advanced) points at another copy of the scripts.
+    """
+    script = _script_directory(script_location)
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+# --------------------------------------------------------------------------- running
+
+
+UrlOrEngine = str | URL | AsyncEngine
+
+
+def _engine_kwargs(url: URL) -> dict[str, Any]:
+    """Engine options for a migration run: no pool, and a name to spot it in pg_stat_activity."""
+    options: dict[str, Any] = {"poolclass": NullPool}
+    if backend_of(url) == "postgresql":
+        options["connect_args"] = {"server_settings": {"application_name": _APPLICATION_NAME}}
+    return options
+
+
+def _create_engine(url: str | URL) -> AsyncEngine:
+    """Create the NullPool engine env.py and the programmatic API use for one run."""
+    normalized = normalize_url(url)
+    return create_async_engine(normalized, **_engine_kwargs(normalized))
+
+
+def _first_line(exc: BaseException) -> str:
+    message = str(exc).strip().splitlines()
+    return message[0] if message else type(exc).__name__
+
+
+@contextlib.asynccontextmanager
+async def _connect(url_or_engine: UrlOrEngine, *, detach: bool) -> AsyncIterator[AsyncConnection]:
+    """Open one connection for a run; ``detach`` closes it instead of pooling it.
+
+    A sync call runs in a loop of its own that ends with the call, so a
+    connection it opened must not go back to a caller's engine pool.
+    """
+    if isinstance(url_or_engine, AsyncEngine):
+        engine, owned = url_or_engine, False
+        backend_of(normalize_url(engine.url))  # raises UnsupportedDatabase for other drivers
+    elif isinstance(url_or_engine, str | URL):
+        engine, owned = _create_engine(url_or_engine), True
+    else:
+        raise ConfigurationError(
+            "url_or_engine must be a database URL or a sqlalchemy AsyncEngine, "
+            f"not {type(url_or_engine).__name__}"
+        )
+    try:
+        try:
+            conn = await engine.connect()
+        except (OSError, DBAPIError) as exc:
+            raise DatabaseUnreachable(
+                f"cannot connect to {redact(engine.url)}: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+        try:
+            yield conn
+        finally:
+            if detach and not owned:
+                await conn.invalidate()
+            await conn.close()
+    finally:
+        if owned:
+            await engine.dispose()
+
+
+def _run_alembic(
+    connection: Connection, cfg: Config, action: Literal["upgrade", "downgrade"], revision: str
+) -> str | None:
+    cfg.attributes[ATTR_CONNECTION] = connection
+    if action == "upgrade":
+        command.upgrade(cfg, revision)
+    else:
+        command.downgrade(cfg, revision)
+    return _read_current(connection)
+
+
+def _read_current(connection: Connection) -> str | None:
+    idle = not connection.in_transaction()
+    try:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+    finally:
+        if idle:
+            connection.rollback()
+
+
+async def _migrate(
+    action: Literal["upgrade", "downgrade"],
+    url_or_engine: UrlOrEngine,
+    revision: str,
+    *,
+    namespace: str,
+    lock_timeout: float,
+    script_location: str | os.PathLike[str] | None,
+    detach: bool,
+) -> MigrationResult:
+    if not isinstance(revision, str) or not revision:
+        raise ConfigurationError(f"revision must be a non-empty string, not {revision!r}")
+    _LockName.checked(namespace, VERSION_TABLE, lock_timeout)  # fail before connecting
+    cfg = _config(script_location, namespace=namespace, lock_timeout=lock_timeout)
+    steps: list[str] = []
+    cfg.attributes[ATTR_STEPS] = steps
+    # Taken here rather than in env.py so that a SQLite wait sleeps without
+    # blocking the event loop; env.py sees ATTR_LOCK_HELD and does not retake it.
+    cfg.attributes[ATTR_LOCK_HELD] = True
+    async with (
+        _connect(url_or_engine, detach=detach) as conn,
+        lock_async(conn, namespace=namespace, name=VERSION_TABLE, timeout=lock_timeout),
+    ):
+        now = await conn.run_sync(_run_alembic, cfg, action, revision)
+    return MigrationResult(tuple(steps), now)
+
+
+def _sqlite_file_missing(url_or_engine: UrlOrEngine) -> bool:
+    if isinstance(url_or_engine, AsyncEngine):
+        url = url_or_engine.url
+    elif isinstance(url_or_engine, str | URL):
+        url = normalize_url(url_or_engine)
+    else:
+        return False
+    database = url.database
+    if backend_of(normalize_url(url)) != "sqlite" or not database:
+        return False
+    if database.startswith("file:") or url.query.get("uri"):
+        return False  # URI filenames: leave them to SQLite
+    return not Path(database).exists()
+
+
+async def _current(url_or_engine: UrlOrEngine, *, detach: bool) -> str | None:
+    if _sqlite_file_missing(url_or_engine):
+        return None  # connecting would create an empty database file
+    async with _connect(url_or_engine, detach=detach) as conn:
+        return await conn.run_sync(_read_current)
+
+
+async def upgrade_async(
+    url_or_engine: UrlOrEngine,
+    revision: str = "head",
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    script_location: str | os.PathLike[str] | None = None,
+) -> MigrationResult:
+    """Upgrade the database to ``revision`` under the migration lock, applying each revision once.
+
+    Concurrent runs (other processes, other hosts) wait for the lock, then
+    apply only what is still missing. On Postgres all steps run in one
+    transaction: a failing step leaves the schema as it was. On SQLite each
+    step commits on its own. Raises :class:`MigrationLockTimeout` after
+    ``lock_timeout`` seconds of waiting and :class:`DatabaseUnreachable` if no
+    connection can be opened. ``url_or_engine`` is a URL (``sqlite://`` and
+    ``postgresql://`` are mapped to the async drivers) or an ``AsyncEngine``.
+    ``script_location`` (advanced) runs another copy of the scripts, which
+    must use this package's ``env.py``.
+    """
+    return await _migrate(
+        "upgrade",
+        url_or_engine,
+        revision,
+        namespace=namespace,
+        lock_timeout=lock_timeout,
+        script_location=script_location,
+        detach=False,
+    )
+
+
+async def downgrade_async(
+    url_or_engine: UrlOrEngine,
+    revision: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    script_location: str | os.PathLike[str] | None = None,
+) -> MigrationResult:
+    """Downgrade the database to ``revision`` (e.g. ``"base"``) under the migration lock.
+
+    Same locking, transaction and error behaviour as :func:`upgrade_async`;
+    downgrading to base drops the library's tables and their data.
+    """
+    return await _migrate(
+        "downgrade",
+        url_or_engine,
+        revision,
+        namespace=namespace,
+        lock_timeout=lock_timeout,
+        script_location=script_location,
+        detach=False,
+    )
+
+
+async def current_async(url_or_engine: UrlOrEngine) -> str | None:
+    """Return the database's current library revision, or ``None`` at base; takes no lock.
+
+    A SQLite file that does not exist is at base and is not created.
+    """
+    return await _current(url_or_engine, detach=False)
+
+
+def _outside_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise ConfigurationError(
+        f"writeturn.migrations.{name}() cannot run inside a running event loop; "
+        f"use `await writeturn.migrations.{name}_async(...)` there"
+    )
+
+
+def upgrade(
+    url_or_engine: UrlOrEngine,
+    revision: str = "head",
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    script_location: str | os.PathLike[str] | None = None,
+) -> MigrationResult:
+    """Upgrade like :func:`upgrade_async`, from synchronous code (not inside a running loop).
+
+    Inside a running event loop it raises :class:`ConfigurationError`. An
+    ``AsyncEngine`` passed here must not hold connections of another loop;
+    the connection used is closed, not returned to its pool.
+    """
+    _outside_loop("upgrade")
+    return asyncio.run(
+        _migrate(
+            "upgrade",
+            url_or_engine,
+            revision,
+            namespace=namespace,
+            lock_timeout=lock_timeout,
+            script_location=script_location,
+            detach=True,
+        )
+    )
+
+
+def downgrade(
+    url_or_engine: UrlOrEngine,
+    revision: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    script_location: str | os.PathLike[str] | None = None,
+) -> MigrationResult:
+    """Downgrade like :func:`downgrade_async`, from synchronous code (not inside a running loop)."""
+    _outside_loop("downgrade")
+    return asyncio.run(
+        _migrate(
+            "downgrade",
+            url_or_engine,
+            revision,
+            namespace=namespace,
+            lock_timeout=lock_timeout,
+            script_location=script_location,
+            detach=True,
+        )
+    )
+
+
+def current(url_or_engine: UrlOrEngine) -> str | None:
+    """Return the current revision like :func:`current_async`, from synchronous code."""
+    _outside_loop("current")
+    return asyncio.run(_current(url_or_engine, detach=True))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {value!r}")
+    return seconds
+
+
+def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``writeturn migrate`` (upgrade, downgrade, current, history) to the CLI."""
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument(
+        "--url",
+        help=f"database URL (default: ${URL_ENV}); a password in it is never printed",
+    )
+    locking = argparse.ArgumentParser(add_help=False)
+    locking.add_argument(
+        "--namespace",
+        default=DEFAULT_NAMESPACE,
+        help="namespace of the migration lock (default: %(default)s)",
+    )
+    locking.add_argument(
+        "--lock-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_LOCK_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for another migrator to finish (default: %(default)g)",
+    )
+    parser = sub.add_parser(
+        "migrate",
+        help="create or update writeturn's own tables",
+        description=(
+            "Apply or inspect the migrations of writeturn's own tables. Concurrent runs "
+            "against one database apply each revision once: each waits for the migration lock."
+        ),
+        epilog="exit status: 0 success, 1 failure (e.g. lock timeout, unreachable database), "
+        "2 invalid usage or configuration",
+    )
+    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION")
+    actions.required = True
+    up = actions.add_parser(
+        "upgrade", parents=[database, locking], help="apply migrations up to REV (default: head)"
+    )
+    up.add_argument("revision", nargs="?", default="head", metavar="REV")
+    down = actions.add_parser(
+        "downgrade", parents=[database, locking], help="revert migrations down to REV (e.g. base)"
+    )
+    down.add_argument("revision", metavar="REV")
+    actions.add_parser("current", parents=[database], help="show the database's revision")
+    actions.add_parser("history", help="list the available revisions, oldest first")
+    parser.set_defaults(func=_cli_main)
+
+
+def _cli_main(args: argparse.Namespace) -> int:
+    action: str = args.migrate_action
+    password: str | None = None
+    try:
+        if action == "history":
+            for line in _history_lines():
+                print(line)
+            return 0
+        raw = args.url or os.environ.get(URL_ENV)
+        if not raw:
+            raise ConfigurationError(
+                f"no database URL: pass --url URL or set {URL_ENV} "
+                "(e.g. sqlite:///./app.db or postgresql://user@host/db)"
+            )
+        url = normalize_url(raw)
+        password = url.password if isinstance(url.password, str) else None
+        print(_cli_action(action, url, args))
+        return 0
+    except ConfigurationError as exc:
+        _cli_error(action, exc, password)
+        return 2
+    except Exception as exc:
+        _cli_error(action, exc, password)
+        return 1
+
+
+def _cli_action(action: str, url: URL, args: argparse.Namespace) -> str:
+    shown = redact(url)
+    head = _script_directory().get_current_head()
+
+    def at(revision: str | None) -> str:
+        return f"{revision or 'base'}{' (head)' if revision == head else ''}"
+
+    if action == "current":
+        return at(current(url))
+    run: Callable[..., MigrationResult] = upgrade if action == "upgrade" else downgrade
+    result = run(url, args.revision, namespace=args.namespace, lock_timeout=args.lock_timeout)
+    verb = "applied" if action == "upgrade" else "reverted"
+    if not result.steps:
+        return f"nothing to do: {shown} is at {at(result.revision)}"
+    return f"{verb} {', '.join(result.steps)} on {shown}; now at {at(result.revision)}"
+
+
+def _history_lines() -> list[str]:
+    script = _script_directory()
+    heads = set(script.get_heads())
+    lines = []
+    for rev in reversed(list(script.walk_revisions())):
+        down = rev.down_revision
+        parent = ", ".join(down) if isinstance(down, tuple | list) else (down or "<base>")
+        mark = " (head)" if rev.revision in heads else ""
+        lines.append(f"{parent} -> {rev.revision}{mark}, {rev.doc}")
+    return lines
+
+
+def _cli_error(action: str, exc: BaseException, password: str | None) -> None:
+    if isinstance(exc, WriteturnError):
+        message = " ".join(str(exc).split())
+    else:
+        message = f"{type(exc).__name__}: {_first_line(exc)}"
+    if password:
+        message = message.replace(password, "***")
+    print(f"writeturn migrate {action}: error: {message}", file=sys.stderr)
