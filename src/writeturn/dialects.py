@@ -34,12 +34,15 @@ SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 def lock_id(namespace: str, key: str) -> int:
-    """The signed 64-bit advisory lock key for (namespace, key).
+    """The signed 64-bit advisory lock key for writes on (namespace, key).
 
     A stable hash (BLAKE2b), identical in every process and on every machine;
-    Python's ``hash()`` is salted per process and would not be.
+    Python's ``hash()`` is salted per process and would not be. Personalised
+    for writes, so no write key can share a lock with the migration lock.
     """
-    digest = hashlib.blake2b(f"{namespace}\x00{key}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(
+        f"{namespace}\x00{key}".encode(), digest_size=8, person=b"writeturn.write"
+    ).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
