@@ -1,0 +1,47 @@
+"""A writer process for the cross-process tests: read-then-write increments on one key.
+
+Usage: python _proc_worker.py URL COORDINATION TASKS WRITES_PER_TASK BARRIER_FILE
+Prints one JSON line: {"committed": n}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from writeturn import WriteSerializer
+
+
+async def increment(session: AsyncSession) -> None:
+    n = (await session.execute(text("SELECT n FROM counter WHERE key = 'k'"))).scalar_one()
+    await asyncio.sleep(0.001)  # invite a lost update: another process may write meanwhile
+    await session.execute(text("UPDATE counter SET n = :n WHERE key = 'k'"), {"n": n + 1})
+
+
+async def main(url: str, coordination: str, tasks: int, writes: int, barrier: str) -> None:
+    ser = WriteSerializer.from_url(url, coordination=coordination)  # type: ignore[arg-type]
+    committed = 0
+    async with ser:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(barrier) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+        async def task(i: int) -> None:
+            nonlocal committed
+            for _ in range(writes):
+                await ser.run(increment, key="k", writer=f"{os.getpid()}-{i}")
+                committed += 1
+
+        await asyncio.gather(*(task(i) for i in range(tasks)))
+    print(json.dumps({"committed": committed}))
+
+
+if __name__ == "__main__":
+    url, coordination, tasks, writes, barrier = sys.argv[1:6]
+    asyncio.run(main(url, coordination, int(tasks), int(writes), barrier))
