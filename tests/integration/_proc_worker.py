@@ -24,13 +24,18 @@ async def increment(session: AsyncSession) -> None:
     await session.execute(text("UPDATE counter SET n = :n WHERE key = 'k'"), {"n": n + 1})
 
 
+def wait_for_file(path: str, limit: float = 30.0) -> None:
+    """Start writing together with the other processes: when the test creates ``path``."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 async def main(url: str, coordination: str, tasks: int, writes: int, barrier: str) -> None:
     ser = WriteSerializer.from_url(url, coordination=coordination)  # type: ignore[arg-type]
     committed = 0
     async with ser:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(barrier) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        await asyncio.to_thread(wait_for_file, barrier)
 
         async def task(i: int) -> None:
             nonlocal committed

@@ -68,7 +68,7 @@ def test_from_url_rejects(
 
 def test_a_sync_engine_is_refused() -> None:
     engine = create_engine("sqlite://")
-    with pytest.raises(ConfigurationError, match="AsyncEngine.*create_async_engine"):
+    with pytest.raises(ConfigurationError, match=r"AsyncEngine.*create_async_engine"):
         WriteSerializer(engine)  # type: ignore[arg-type]
 
 

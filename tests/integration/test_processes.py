@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -20,21 +21,19 @@ async def run_processes(url: str, coordination: str, tmp_path: Path) -> int:
     async with serializer(url) as ser:
         await create_tables(ser.engine)
     barrier = tmp_path / "go"
+    args = [str(WORKER), url, coordination, str(TASKS), str(WRITES), str(barrier)]
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), url, coordination, str(TASKS), str(WRITES), str(barrier)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        await asyncio.create_subprocess_exec(
+            sys.executable, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         for _ in range(PROCESSES)
     ]
     barrier.touch()
     committed = 0
     for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        committed += json.loads(out.strip().splitlines()[-1])["committed"]
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        committed += json.loads(out.decode().strip().splitlines()[-1])["committed"]
     return committed
 
 
