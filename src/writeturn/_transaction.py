@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from . import journal
 from ._guard import run_apart, settle
 from ._session import WriteSession
 from .errors import OutcomeUnknown
@@ -100,6 +101,13 @@ class Transaction:
             await self._connect()
             self._began = True
             self._xid = await self.call(ser._dialect.begin(self._conn_(), h.key))
+            if h._journaled:
+                entry = await self.call(
+                    journal.record(
+                        self._conn_(), ser._namespace, h.key, h.idempotency_key, _text(h.writer)
+                    )
+                )
+                h.seq, h.duplicate = entry.seq, entry.duplicate
             self._session = WriteSession(
                 self,
                 bind=self._conn,
@@ -208,6 +216,8 @@ class Transaction:
         finally:
             self._release()
             h._set_outcome(outcome)
+            if outcome is not Outcome.COMMITTED:
+                h.seq, h.duplicate = None, False
         cancelled = self._cancel_seen or isinstance(exc, asyncio.CancelledError)
         if cancelled or h._reason is not None:
             return h._cancellation(error, self._task, self._entry_cancelling)
@@ -246,6 +256,8 @@ class Transaction:
         outcome = await self.call(
             ser._dialect.commit_outcome(ser._engine, self._xid), interruptible=False
         )
+        if outcome is Outcome.UNKNOWN and self._h.idempotency_key is not None:
+            outcome = await self.call(self._outcome_from_journal(), interruptible=False)
         if outcome is Outcome.COMMITTED:
             log.info("writeturn: COMMIT on key %r lost its connection but had landed", self._h.key)
             return outcome, None
@@ -258,6 +270,25 @@ class Transaction:
         )
         err.__cause__ = exc
         return Outcome.UNKNOWN, err
+
+    async def _outcome_from_journal(self) -> Outcome:
+        """Learn whether the write landed from its journal row, on a new connection.
+
+        The probe runs under the key's lock (SQLite: BEGIN IMMEDIATE) and waits
+        for any transaction still holding the idempotency key, so a COMMIT
+        that is still finishing on the server is not misread as lost.
+        """
+        ser, h = self._ser, self._h
+        assert h.idempotency_key is not None
+        try:
+            async with ser._engine.connect() as conn:
+                await ser._dialect.begin(conn, h.key)
+                committed = await journal.probe(conn, ser._namespace, h.idempotency_key)
+                await conn.rollback()
+        except Exception as exc:
+            log.warning("writeturn: could not read the journal to learn an outcome: %r", exc)
+            return Outcome.UNKNOWN
+        return Outcome.COMMITTED if committed else Outcome.ROLLED_BACK
 
     async def _rollback(self) -> None:
         conn = self._conn_()
@@ -293,3 +324,7 @@ class Transaction:
             ser._gate.release(_GATE_KEY)
             self._gate_held = False
         ser._turns.release(self._h.key)
+
+
+def _text(writer: object) -> str | None:
+    return None if writer is None else str(writer)

@@ -16,7 +16,8 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand registered."""
-    from . import demo, migrations
+    from . import demo
+    from .migrations import register_cli as register_migrate
 
     parser = argparse.ArgumentParser(
         prog="writeturn",
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     demo.register_cli(sub)
-    migrations.register_cli(sub)
+    register_migrate(sub)
     return parser
 
 

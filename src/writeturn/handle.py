@@ -53,6 +53,10 @@ class WriteHandle(Waiter, Generic[T]):
 
     __slots__ = (
         "key",
+        "idempotency_key",
+        "seq",
+        "duplicate",
+        "_journaled",
         "_ser",
         "_fn",
         "_args",
@@ -81,9 +85,19 @@ class WriteHandle(Waiter, Generic[T]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         timeout: float | None,
+        idempotency_key: str | None = None,
+        journaled: bool = False,
     ) -> None:
         super().__init__(writer)
         self.key = key
+        #: The caller's idempotency key (None: none); see :meth:`WriteSerializer.submit`.
+        self.idempotency_key = idempotency_key
+        #: For a journaled write that committed: its gap-free sequence number on its key.
+        self.seq: int | None = None
+        #: True if an earlier write with the same idempotency key had already
+        #: committed, so this one did not run its function (outcome COMMITTED).
+        self.duplicate = False
+        self._journaled = journaled
         self._ser = ser
         self._fn = fn  # None for a write run by transaction(): the caller's block
         self._args = args

@@ -15,11 +15,13 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
+from . import journal
 from ._transaction import Transaction
 from .dialects import Coordination, configure_sqlite_engine, dialect_for
 from .errors import (
     ConfigurationError,
     DatabaseUnreachable,
+    JournalMissing,
     ReentrantWriteError,
     SerializerClosed,
     SerializerNotStarted,
@@ -89,6 +91,7 @@ class WriteSerializer:
         coordination: Coordination = "advisory",
         namespace: str = "writeturn",
         cancel_grace: float = 0.05,
+        journal: bool = False,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -110,6 +113,7 @@ class WriteSerializer:
         self._engine = engine
         self._coordination: Coordination = coordination
         self._namespace = namespace
+        self._journal = bool(journal)
         self._dialect = dialect_for(engine, coordination, namespace)
         self._owns_engine = False
         self._turns = TurnLock()
@@ -133,6 +137,7 @@ class WriteSerializer:
         sqlite_synchronous: str | None = None,
         sqlite_busy_timeout: float = 5.0,
         cancel_grace: float = 0.05,
+        journal: bool = False,
         **engine_options: Any,
     ) -> WriteSerializer:
         """Create a serializer with an engine of its own, disposed by :meth:`close`.
@@ -159,7 +164,11 @@ class WriteSerializer:
             )
         try:
             ser = cls(
-                engine, coordination=coordination, namespace=namespace, cancel_grace=cancel_grace
+                engine,
+                coordination=coordination,
+                namespace=namespace,
+                cancel_grace=cancel_grace,
+                journal=journal,
             )
         except BaseException:
             engine.sync_engine.dispose()
@@ -180,7 +189,11 @@ class WriteSerializer:
         try:
             async with self._engine.connect() as conn:
                 await conn.exec_driver_sql("SELECT 1")
+                if self._journal:
+                    await journal.check_table(conn)
                 await conn.rollback()
+        except JournalMissing:
+            raise
         except Exception as exc:
             raise DatabaseUnreachable(
                 f"cannot reach {redact(self._engine.url)}: {_scrub(exc, self._engine.url)}; "
@@ -248,7 +261,7 @@ class WriteSerializer:
             async with ser.transaction(key="account:42", writer="billing") as session:
                 await session.execute(...)
         """
-        h: WriteHandle[None] = self._new_handle(None, (), None, key, writer, timeout)
+        h: WriteHandle[None] = self._new_handle(None, (), None, key, writer, timeout, None)
         return TransactionContext(self, h)
 
     def submit(
@@ -259,20 +272,28 @@ class WriteSerializer:
         key: str | None = None,
         writer: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> WriteHandle[T]:
         """Queue ``fn(session, *args, **kwargs)`` for one transaction; return its handle at once.
 
         The write takes its turn on ``key`` (None: one serializer-wide key) as
         ``writer`` (None: its own writer). ``timeout`` bounds the whole write,
-        waiting included. Awaiting the handle returns ``fn``'s result once the
+        waiting included. With an ``idempotency_key`` the write is journaled:
+        if a write with the same key already committed (in any process),
+        ``fn`` does not run and the handle completes COMMITTED with
+        ``handle.duplicate`` True, so retrying after a timeout, a crash or an
+        UNKNOWN outcome applies the write exactly once. Awaiting the handle
+        returns ``fn``'s result once the
         transaction committed.
         """
         if not callable(fn):
             raise ConfigurationError(
                 f"submit() needs an async function taking the session first, got {fn!r}"
             )
-        h: WriteHandle[T] = self._new_handle(fn, args, kwargs or None, key, writer, timeout)
+        h: WriteHandle[T] = self._new_handle(
+            fn, args, kwargs or None, key, writer, timeout, idempotency_key
+        )
         h._context = contextvars.copy_context()
         self._enter(h)
         if self._turns.enqueue(h.key, h):
@@ -287,10 +308,30 @@ class WriteSerializer:
         key: str | None = None,
         writer: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> T:
         """Submit ``fn`` and await its result: ``await ser.submit(...)`` in one call."""
-        return await self.submit(fn, *args, key=key, writer=writer, timeout=timeout, **kwargs)
+        return await self.submit(
+            fn,
+            *args,
+            key=key,
+            writer=writer,
+            timeout=timeout,
+            idempotency_key=idempotency_key,
+            **kwargs,
+        )
+
+    async def outcome_of(self, idempotency_key: str) -> Outcome | None:
+        """COMMITTED if a write with ``idempotency_key`` committed (in any process), else None.
+
+        Reads the journal; raises :class:`JournalMissing` if its table was never created.
+        """
+        ik = _check_idempotency_key(idempotency_key)
+        async with self._engine.connect() as conn:
+            seq = await journal.lookup(conn, self._namespace, ik)
+            await conn.rollback()
+        return None if seq is None else Outcome.COMMITTED
 
     # -- introspection -------------------------------------------------------------
 
@@ -333,6 +374,7 @@ class WriteSerializer:
         key: str | None,
         writer: str | None,
         timeout: float | None,
+        idempotency_key: str | None,
     ) -> WriteHandle[Any]:
         if self._state != "started":
             if self._state == "new":
@@ -348,8 +390,11 @@ class WriteSerializer:
             )
         if timeout is not None:
             timeout = _check_seconds("timeout", timeout, allow_zero=False)
+        if idempotency_key is not None:
+            idempotency_key = _check_idempotency_key(idempotency_key)
         self._check_reentrant(k)
-        return WriteHandle(self, k, writer, fn, args, kwargs, timeout)
+        journaled = self._journal or idempotency_key is not None
+        return WriteHandle(self, k, writer, fn, args, kwargs, timeout, idempotency_key, journaled)
 
     def _check_reentrant(self, key: str) -> None:
         task = asyncio.current_task()
@@ -391,13 +436,15 @@ class WriteSerializer:
         _HELD.set((*_HELD.get(), (self, h.key, task)))
         try:
             async with Transaction(self, h, 0) as session:
-                pending = fn(session, *args, **kwargs)
-                if not inspect.isawaitable(pending):
-                    raise ConfigurationError(
-                        f"the write function {_name(fn)} returned {type(pending).__name__}, not "
-                        "an awaitable; it must be an `async def` taking the session first"
-                    )
-                result = await pending
+                result = None
+                if not h.duplicate:  # a duplicate was applied once already: not again
+                    pending = fn(session, *args, **kwargs)
+                    if not inspect.isawaitable(pending):
+                        raise ConfigurationError(
+                            f"the write function {_name(fn)} returned {type(pending).__name__}, "
+                            "not an awaitable; it must be an `async def` taking the session first"
+                        )
+                    result = await pending
         except (Exception, asyncio.CancelledError) as exc:
             h._finish(exception=exc)
         else:
@@ -492,6 +539,15 @@ def _check_key(key: object) -> str:
             "protects, e.g. key=f'account:{account_id}'"
         )
     return key
+
+
+def _check_idempotency_key(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 500:
+        raise ConfigurationError(
+            f"idempotency_key must be a non-empty string of at most 500 characters, got "
+            f"{value!r}; use a request id, e.g. idempotency_key=f'payment:{{request_id}}'"
+        )
+    return value
 
 
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
