@@ -11,6 +11,9 @@ Rules (the public promise of :class:`writeturn.TurnLock`):
   writer at the front gets the next turn and, if it still has entries, goes
   to the back, behind every other waiting writer. A writer whose entries are
   all gone leaves the ring, and rejoins at the back when it pushes again.
+* The writer whose turn just ended is passed over while any other writer
+  waits (``pop(after=writer)``): it may have queued its next entry during its
+  turn, or before others queued, when it was granted the turn without waiting.
 * Anonymous entries (``writer=None``) are each their own writer, so among
   themselves they run in arrival order.
 * Withdrawal is O(1) and lazy: a withdrawn entry is marked and skipped later.
@@ -138,11 +141,19 @@ class TurnQueue(Generic[E]):
                 self._retire(lane)
         return True
 
-    def pop(self) -> E | None:
-        """Take the entry whose turn is next, or None if nobody waits."""
+    def pop(self, after: Hashable | None = None) -> E | None:
+        """Take the entry whose turn is next, or None if nobody waits.
+
+        ``after`` names the writer whose turn just ended: its lane goes behind
+        the others if another writer waits.
+        """
         ring = self._ring
         while ring:
             item = ring.popleft()
+            if isinstance(item, _Lane) and self._passes_over(item, after):
+                ring.append(item)
+                after = None
+                continue
             if not isinstance(item, _Lane):
                 if item._lane is not _ANONYMOUS:  # a withdrawn anonymous entry
                     continue
@@ -167,6 +178,40 @@ class TurnQueue(Generic[E]):
             return entry
         assert self._live == 0 and not self._lanes
         return None
+
+    def peek(self, after: Hashable | None = None) -> E | None:
+        """The entry ``pop(after)`` would return next, left in place (None if nobody waits)."""
+        ring = self._ring
+        while ring and not self._live_item(ring[0]):
+            ring.popleft()  # drop dead lanes and withdrawn anonymous entries now
+        for item in ring:
+            if not self._live_item(item):
+                continue
+            if not isinstance(item, _Lane):
+                return item
+            if self._passes_over(item, after):
+                after = None
+                continue
+            entries = item.entries
+            while entries[0]._lane is not item:
+                entries.popleft()  # withdrawn entries ahead of the first live one
+            return entries[0]
+        return None
+
+    def _passes_over(self, lane: _Lane[E], after: Hashable | None) -> bool:
+        """Whether ``lane`` belongs to the writer whose turn just ended while others wait."""
+        return (
+            after is not None
+            and not lane.dead
+            and lane.writer_id == after
+            and self._live > lane.live
+        )
+
+    @staticmethod
+    def _live_item(item: _Lane[E] | E) -> bool:
+        if isinstance(item, _Lane):
+            return not item.dead
+        return item._lane is _ANONYMOUS
 
     def waiting_writers(self) -> list[Hashable | None]:
         """The writers with live entries, in the order their turns come."""

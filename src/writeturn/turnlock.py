@@ -9,7 +9,7 @@ it was handed the turn passes it on instead of losing it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -148,7 +148,7 @@ class TurnLock:
         if turns is None or turns.holder is None:
             raise RuntimeError(f"release() of key {key!r}, whose turn is not held")
         turns.holder_task = None
-        nxt = turns.queue.pop()
+        nxt = turns.queue.pop(after=turns.holder.writer)
         turns.holder = nxt
         if nxt is None:
             del self._keys[key]
@@ -172,6 +172,30 @@ class TurnLock:
             return True
         turns.queue.push(waiter)
         return False
+
+    def claim(
+        self, key: Hashable, limit: int, accept: Callable[[Waiter], bool] = lambda w: True
+    ) -> list[Waiter]:
+        """Take up to ``limit`` waiters that are next in line for ``key``, in turn order,
+        for the current holder to serve within its own turn.
+
+        Stops at the first waiter ``accept`` refuses, which keeps its place. The
+        claimed waiters are not granted (``on_grant`` is not called): the
+        caller serves them and releases the one turn when it is done.
+        """
+        turns = self._keys.get(key)
+        assert turns is not None and turns.holder is not None, "claim() needs the turn held"
+        claimed: list[Waiter] = []
+        last = turns.holder.writer
+        while len(claimed) < limit:
+            nxt = turns.queue.peek(after=last)
+            if nxt is None or not accept(nxt):
+                break
+            popped = turns.queue.pop(after=last)
+            assert popped is nxt
+            claimed.append(nxt)
+            last = nxt.writer
+        return claimed
 
     def withdraw(self, key: Hashable, waiter: Waiter) -> bool:
         """Take a waiting ``waiter`` out of line; False if it was already granted."""

@@ -536,11 +536,26 @@ def test_enqueue_and_withdraw_core_grants_synchronously() -> None:
     assert lock.withdraw("k", w["b1"]) is False
     assert lock.withdraw("missing", w["a2"]) is False
     assert lock.key_statistics("k").writers == ("A", None)
-    lock.release("k")  # a2 granted synchronously
-    assert log == ["a2"]
-    assert lock.withdraw("k", w["a2"]) is False  # already granted
+    # a1's writer A is passed over while another writer waits: n1 goes first.
+    lock.release("k")  # n1 granted synchronously
+    assert log == ["n1"]
+    assert lock.withdraw("k", w["n1"]) is False  # already granted
     lock.release("k")
     lock.release("k")
-    assert log == ["a2", "n1", "a3"]
+    assert log == ["n1", "a2", "a3"]
     lock.release("k")
     assert lock.statistics() == TurnLockStatistics(keys_held=0, waiting=0)
+
+
+async def test_a_writer_granted_at_once_still_alternates_with_later_writers() -> None:
+    """Regression: A's first write took the free key without queueing, A's next one
+    queued before B's, and A used to get the second turn too (AABABB)."""
+    lock, order = TurnLock(), []
+
+    async def write(name: str) -> None:
+        async with lock.turn("k", writer=name):
+            order.append(name)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(asyncio.create_task(write(n)) for n in "AB" for _ in range(3)))
+    assert "".join(order) == "ABABAB"

@@ -388,3 +388,22 @@ def test_random_operations_match_the_reference_model(seed: int) -> None:
     assert len(q) == 0 and q.waiting_writers() == []
     # The mix really exercised both paths.
     assert pops > 3000 and withdraws > 2000 and max_len > 20
+
+
+def test_pop_after_passes_over_the_writer_whose_turn_just_ended() -> None:
+    q: TurnQueue[E] = TurnQueue()
+    push_all(q, ("A", "a2"), ("B", "b1"), ("A", "a3"))
+    assert q.peek(after="A") is not None and q.peek(after="A").name == "b1"  # type: ignore[union-attr]
+    assert drain_after(q, "A") == ["b1", "a2", "a3"]
+    # Alone in line, the writer keeps its turn.
+    push_all(q, ("A", "a4"))
+    assert drain_after(q, "A") == ["a4"]
+
+
+def drain_after(q: TurnQueue[E], writer: str) -> list[str]:
+    out: list[str] = []
+    last: object = writer
+    while (e := q.pop(after=last)) is not None:
+        out.append(e.name)
+        last = e.writer
+    return out
