@@ -45,13 +45,13 @@ from .outcome import Outcome
 if TYPE_CHECKING:
     from .serializer import WriteSerializer
 
-__all__ = ["Transaction"]
+__all__ = ["Transaction", "GATE_KEY", "writer_text"]
 
 log = logging.getLogger("writeturn")
 
 T = TypeVar("T")
 
-_GATE_KEY = ""
+GATE_KEY = ""  # the one key of SQLite's database-wide write gate
 
 
 class Transaction:
@@ -96,7 +96,7 @@ class Transaction:
             if h._reason is not None:
                 raise asyncio.CancelledError
             if ser._gate is not None:
-                await ser._gate.acquire(_GATE_KEY)
+                await ser._gate.acquire(GATE_KEY)
                 self._gate_held = True
             await self._connect()
             self._began = True
@@ -104,7 +104,11 @@ class Transaction:
             if h._journaled:
                 entry = await self.call(
                     journal.record(
-                        self._conn_(), ser._namespace, h.key, h.idempotency_key, _text(h.writer)
+                        self._conn_(),
+                        ser._namespace,
+                        h.key,
+                        h.idempotency_key,
+                        writer_text(h.writer),
                     )
                 )
                 h.seq, h.duplicate = entry.seq, entry.duplicate
@@ -180,7 +184,7 @@ class Transaction:
             if not task.cancelled() and task.exception() is not None:
                 log.warning("writeturn: interrupting a statement failed: %r", task.exception())
 
-    async def _connect(self) -> None:
+    async def _connect(self, check_reason: bool = True) -> None:
         engine = self._ser._engine
         checkout = asyncio.ensure_future(AsyncConnection(engine).start())
         # Nothing has begun during a checkout, so a cancellation may simply stop it.
@@ -189,7 +193,7 @@ class Transaction:
         if checkout.cancelled():
             raise asyncio.CancelledError
         self._conn = checkout.result()
-        if self._cancel_seen or self._h._reason is not None:
+        if self._cancel_seen or (check_reason and self._h._reason is not None):
             raise asyncio.CancelledError
 
     def _conn_(self) -> AsyncConnection:
@@ -321,10 +325,11 @@ class Transaction:
         ser = self._ser
         if self._gate_held:
             assert ser._gate is not None
-            ser._gate.release(_GATE_KEY)
+            ser._gate.release(GATE_KEY)
             self._gate_held = False
         ser._turns.release(self._h.key)
 
 
-def _text(writer: object) -> str | None:
+def writer_text(writer: object) -> str | None:
+    """A writer as the journal stores it."""
     return None if writer is None else str(writer)

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from . import journal
+from ._batch import BatchRun
 from ._transaction import Transaction
 from .dialects import Coordination, configure_sqlite_engine, dialect_for
 from .errors import (
@@ -92,6 +93,8 @@ class WriteSerializer:
         namespace: str = "writeturn",
         cancel_grace: float = 0.05,
         journal: bool = False,
+        batch_max: int = 1,
+        batch_window: float = 0.0,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -110,6 +113,13 @@ class WriteSerializer:
                 f"namespace={namespace!r} must be a non-empty string, e.g. namespace='myservice'"
             )
         self._cancel_grace = _check_seconds("cancel_grace", cancel_grace, allow_zero=True)
+        if not isinstance(batch_max, int) or isinstance(batch_max, bool) or batch_max < 1:
+            raise ConfigurationError(
+                f"batch_max={batch_max!r} must be a whole number of writes, 1 or more "
+                "(1 turns group commit off; e.g. batch_max=64)"
+            )
+        self._batch_max = batch_max
+        self._batch_window = _check_seconds("batch_window", batch_window, allow_zero=True)
         self._engine = engine
         self._coordination: Coordination = coordination
         self._namespace = namespace
@@ -122,6 +132,7 @@ class WriteSerializer:
         self._gate = TurnLock() if self._dialect.single_writer else None
         self._counters = Counters()
         self._live: set[WriteHandle[Any]] = set()
+        self._batches: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._state: Literal["new", "started", "closing", "closed"] = "new"
@@ -138,6 +149,8 @@ class WriteSerializer:
         sqlite_busy_timeout: float = 5.0,
         cancel_grace: float = 0.05,
         journal: bool = False,
+        batch_max: int = 1,
+        batch_window: float = 0.0,
         **engine_options: Any,
     ) -> WriteSerializer:
         """Create a serializer with an engine of its own, disposed by :meth:`close`.
@@ -169,6 +182,8 @@ class WriteSerializer:
                 namespace=namespace,
                 cancel_grace=cancel_grace,
                 journal=journal,
+                batch_max=batch_max,
+                batch_window=batch_window,
             )
         except BaseException:
             engine.sync_engine.dispose()
@@ -425,9 +440,38 @@ class WriteSerializer:
 
     def _start_worker(self, h: WriteHandle[Any]) -> None:
         loop = asyncio.get_running_loop()
+        if self._batch_max > 1:
+            # A batch sets each write's task only while its own function runs;
+            # the loop keeps only weak references to tasks, so keep this one.
+            batch = loop.create_task(self._work_batch(h), context=h._context)
+            self._batches.add(batch)
+            batch.add_done_callback(self._batches.discard)
+            return
         task = loop.create_task(self._work(h), context=h._context)
         h._task = task
         task.add_done_callback(lambda t: self._worker_done(h))
+
+    async def _work_batch(self, leader: WriteHandle[Any]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        _HELD.set((*_HELD.get(), (self, leader.key, task)))
+        batch = [leader, *self._claim(leader.key, self._batch_max - 1)]
+        if len(batch) < self._batch_max and self._batch_window > 0:
+            await asyncio.sleep(self._batch_window)  # let more writes of the key arrive
+            batch += self._claim(leader.key, self._batch_max - len(batch))
+        await BatchRun(self, batch).run()
+
+    def _claim(self, key: str, limit: int) -> list[WriteHandle[Any]]:
+        """The next writes in line for ``key`` that a batch may serve (submitted ones only)."""
+        claimed = self._turns.claim(
+            key, limit, accept=lambda w: isinstance(w, WriteHandle) and w._grant is None
+        )
+        handles: list[WriteHandle[Any]] = []
+        for w in claimed:
+            assert isinstance(w, WriteHandle)
+            w._state = State.STARTING
+            handles.append(w)
+        return handles
 
     async def _work(self, h: WriteHandle[Any]) -> None:
         task = asyncio.current_task()

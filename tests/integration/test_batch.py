@@ -1,0 +1,183 @@
+"""Group commit: the core guarantees hold for each write of a batch on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from writeturn import Outcome, TurnTimeout, WriteHandle
+
+from ._db import counter, create_tables, increment, ledger, pg_leftovers, record, serializer
+from .test_guarantees import Blocker
+from .test_storm import SEED, WRITERS, Storm
+
+
+class Commits:
+    """Counts COMMITs sent on an engine (a batch sends one for all its writes)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.count = 0
+        event.listen(engine.sync_engine, "commit", self._on_commit)
+
+    def _on_commit(self, conn: Any) -> None:
+        self.count += 1
+
+
+async def test_a_full_batch_shares_one_commit(db_url: str) -> None:
+    async with serializer(db_url, batch_max=64) as ser:
+        await create_tables(ser.engine)
+        commits = Commits(ser.engine)
+        async with Blocker(ser):
+            handles = [ser.submit(record, "k", f"w{i % 4}", i, key="k") for i in range(64)]
+        await asyncio.gather(*handles)
+        assert all(h.outcome is Outcome.COMMITTED for h in handles)
+        assert commits.count == 2  # the blocker's, then the batch's
+        assert [r[3] for r in await ledger(ser.engine)] == list(range(64))
+
+
+async def test_one_failing_write_leaves_the_other_63_committed(db_url: str) -> None:
+    async with serializer(db_url, batch_max=64) as ser:
+        await create_tables(ser.engine)
+        commits = Commits(ser.engine)
+
+        async def write(session: AsyncSession, i: int) -> None:
+            await record(session, "k", "w", i)
+            if i == 40:
+                raise ValueError("write 40 fails")
+
+        async with Blocker(ser):
+            handles = [ser.submit(write, i, key="k", writer="w") for i in range(64)]
+        results = await asyncio.gather(*handles, return_exceptions=True)
+        assert isinstance(results[40], ValueError)
+        outcomes = Counter(h.outcome for h in handles)
+        assert outcomes == {Outcome.COMMITTED: 63, Outcome.ROLLED_BACK: 1}
+        assert [r[3] for r in await ledger(ser.engine)] == [i for i in range(64) if i != 40]
+        assert commits.count == 2
+        assert await pg_leftovers(ser.engine) == (0, 0)
+
+
+async def test_cancelled_writes_in_a_batch_leave_the_others_committed(db_url: str) -> None:
+    async with serializer(db_url, batch_max=16) as ser:
+        await create_tables(ser.engine)
+        handles: list[WriteHandle[Any]] = []
+
+        async def write(session: AsyncSession, i: int) -> None:
+            await record(session, "k", "w", i)
+            if i == 3:
+                handles[3].cancel()  # cancelled while it runs
+                await asyncio.sleep(0)
+            if i == 9:
+                handles[5].cancel()  # already ran in this transaction: undone
+                handles[12].cancel()  # not run yet: left out
+
+        async with Blocker(ser):
+            handles.extend(ser.submit(write, i, key="k", writer="w") for i in range(16))
+        results = await asyncio.gather(*handles, return_exceptions=True)
+        expected = {3: Outcome.ROLLED_BACK, 5: Outcome.ROLLED_BACK, 12: Outcome.WITHDRAWN}
+        for i, h in enumerate(handles):
+            assert h.outcome is expected.get(i, Outcome.COMMITTED), i
+            if i in expected:
+                assert isinstance(results[i], asyncio.CancelledError)
+        assert [r[3] for r in await ledger(ser.engine)] == [
+            i for i in range(16) if i not in expected
+        ]
+
+
+async def test_a_failed_shared_commit_fails_every_write_of_the_batch(db_url: str) -> None:
+    async with serializer(db_url, batch_max=8) as ser:
+        await create_tables(ser.engine)
+        async with ser.engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "CREATE TABLE node (id INTEGER PRIMARY KEY, parent INTEGER "
+                "REFERENCES node(id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+
+        async def write(session: AsyncSession, i: int) -> None:
+            parent = 999 if i == 2 else None  # checked only at COMMIT
+            await session.execute(
+                text("INSERT INTO node VALUES (:i, :p)"), {"i": i + 1, "p": parent}
+            )
+
+        async with Blocker(ser):
+            handles = [ser.submit(write, i, key="k") for i in range(8)]
+        results = await asyncio.gather(*handles, return_exceptions=True)
+        assert {h.outcome for h in handles} == {Outcome.ROLLED_BACK}
+        assert all("FOREIGN KEY" in str(r).upper() for r in results)
+        async with ser.engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM node"))).scalar() == 0
+
+
+async def test_batches_keep_order_and_alternation(db_url: str) -> None:
+    async with serializer(db_url, batch_max=4, batch_window=0.001) as ser:
+        await create_tables(ser.engine)
+        handles = []
+        async with Blocker(ser):
+            for writer, count in (("A", 5), ("B", 5), ("C", 3)):
+                handles += [
+                    ser.submit(record, "k", writer, i, key="k", writer=writer) for i in range(count)
+                ]
+        await asyncio.gather(*handles)
+        assert "".join(r[2] for r in await ledger(ser.engine)) == "ABCABCABCABAB"
+
+
+async def test_a_timed_out_write_in_a_batch_is_withdrawn(db_url: str) -> None:
+    async with serializer(db_url, batch_max=8) as ser:
+        await create_tables(ser.engine)
+
+        async def slow(session: AsyncSession, i: int) -> None:
+            await record(session, "k", "w", i)
+            await asyncio.sleep(0.05)
+
+        async with Blocker(ser):
+            handles = [
+                ser.submit(slow, i, key="k", timeout=0.12 if i == 6 else None) for i in range(8)
+            ]
+        results = await asyncio.gather(*handles, return_exceptions=True)
+        assert isinstance(results[6], TurnTimeout)
+        assert handles[6].outcome in (Outcome.WITHDRAWN, Outcome.ROLLED_BACK)
+        assert [r[3] for r in await ledger(ser.engine)] == [0, 1, 2, 3, 4, 5, 7]
+
+
+@pytest.mark.parametrize("coordination", ["turn", "advisory"])
+async def test_batched_increments_lose_nothing(db_url: str, coordination: str) -> None:
+    async with serializer(db_url, coordination=coordination, batch_max=8) as ser:
+        await create_tables(ser.engine)
+
+        async def task(i: int) -> None:
+            for _ in range(10):
+                await ser.run(increment, key="k", writer=f"t{i}")
+
+        await asyncio.gather(*(task(i) for i in range(50)))
+        assert await counter(ser.engine) == 500
+
+
+@pytest.mark.slow
+async def test_cancellation_storm_with_group_commit(db_url: str) -> None:
+    async with serializer(db_url, coordination="advisory", batch_max=16) as ser:
+        await create_tables(ser.engine)
+        storm = Storm(ser, random.Random(SEED))
+        async with asyncio.timeout(240):
+            await asyncio.gather(*(storm.writer(f"w{i}") for i in range(WRITERS)))
+            await asyncio.gather(*storm.waiters, return_exceptions=True)
+        handles = storm.handles
+        outcomes = Counter(h.outcome for h in handles.values())
+        committed = {k for k, h in handles.items() if h.outcome is Outcome.COMMITTED}
+        assert outcomes[Outcome.ROLLED_BACK] > 50 and outcomes[Outcome.WITHDRAWN] > 50, outcomes
+        assert outcomes[Outcome.UNKNOWN] == 0
+        assert storm.peak == 1 and storm.overlaps_seen_by_db == 0
+        rows = await ledger(ser.engine)
+        assert await counter(ser.engine) == len(committed) == len(rows)
+        assert {(r[2], r[3]) for r in rows} == committed
+        for i in range(WRITERS):
+            seqs = [r[3] for r in rows if r[2] == f"w{i}"]
+            assert seqs == sorted(seqs)
+        stats = ser.stats()
+        assert (stats.queued, stats.running) == (0, 0)
+        assert stats.connections_invalidated <= stats.cancel_requests / 100
+        assert await pg_leftovers(ser.engine) == (0, 0)
