@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,13 +46,22 @@ from .outcome import Outcome
 if TYPE_CHECKING:
     from .serializer import WriteSerializer
 
-__all__ = ["Transaction", "GATE_KEY", "writer_text"]
+__all__ = ["Transaction", "RetryWrite", "GATE_KEY", "writer_text"]
 
 log = logging.getLogger("writeturn")
 
 T = TypeVar("T")
 
 GATE_KEY = ""  # the one key of SQLite's database-wide write gate
+
+
+class RetryWrite(Exception):
+    """Raised out of a write's transaction when it will run again (internal)."""
+
+    def __init__(self, delay: float, cause: BaseException) -> None:
+        super().__init__(f"retry in {delay:.3f}s after {type(cause).__name__}")
+        self.delay = delay
+        self.cause = cause
 
 
 class Transaction:
@@ -72,7 +82,14 @@ class Transaction:
         "_interrupt_task",
     )
 
-    def __init__(self, ser: WriteSerializer, h: WriteHandle[Any], entry_cancelling: int) -> None:
+    def __init__(
+        self,
+        ser: WriteSerializer,
+        h: WriteHandle[Any],
+        entry_cancelling: int,
+        *,
+        gate_held: bool = False,
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._ser = ser
@@ -82,7 +99,7 @@ class Transaction:
         self._conn: AsyncConnection | None = None
         self._session: WriteSession | None = None
         self._began = False
-        self._gate_held = False
+        self._gate_held = gate_held  # a retry inherits the gate from its first attempt
         self._cancel_seen = False
         self._xid: int | None = None
         self._interrupt_timer: asyncio.TimerHandle | None = None
@@ -95,7 +112,7 @@ class Transaction:
         try:
             if h._reason is not None:
                 raise asyncio.CancelledError
-            if ser._gate is not None:
+            if ser._gate is not None and not self._gate_held:
                 await ser._gate.acquire(GATE_KEY)
                 self._gate_held = True
             await self._connect()
@@ -207,7 +224,9 @@ class Transaction:
         return the exception the write ends with (None: it committed)."""
         h = self._h
         error = exc
-        outcome = Outcome.WITHDRAWN  # nothing began: the write never ran
+        # Nothing began: the write never ran (unless an earlier attempt did).
+        outcome = Outcome.ROLLED_BACK if h._attempts else Outcome.WITHDRAWN
+        retry: RetryWrite | None = None
         try:
             if self._began:
                 if exc is None and not self._cancel_seen and h._reason is None:
@@ -217,15 +236,52 @@ class Transaction:
                     await self._rollback()
             if self._conn is not None:
                 await self._close()
+            cancelled = self._cancel_seen or isinstance(exc, asyncio.CancelledError)
+            if not cancelled and h._reason is None:
+                retry = self._retry_for(outcome, error)
         finally:
-            self._release()
-            h._set_outcome(outcome)
-            if outcome is not Outcome.COMMITTED:
-                h.seq, h.duplicate = None, False
-        cancelled = self._cancel_seen or isinstance(exc, asyncio.CancelledError)
+            if retry is None:
+                self._release()
+                h._set_outcome(outcome)
+                if outcome is not Outcome.COMMITTED:
+                    h.seq, h.duplicate = None, False
+        if retry is not None:
+            # The turn (and SQLite's gate) stay with this write: it keeps its place.
+            self._gate_held = False
+            return retry
         if cancelled or h._reason is not None:
             return h._cancellation(error, self._task, self._entry_cancelling)
         return error
+
+    def _retry_for(self, outcome: Outcome, error: BaseException | None) -> RetryWrite | None:
+        """A retry of this write if ``error`` is transient and it has retries left.
+
+        A write whose COMMIT outcome is unknown is retried only with an
+        idempotency key: the journal then applies it at most once.
+        """
+        h, ser = self._h, self._ser
+        if error is None or h._fn is None or h._attempts >= h._retries:
+            return None
+        if outcome is Outcome.UNKNOWN:
+            if h.idempotency_key is None:
+                return None
+            transient = True
+        else:
+            transient = outcome is Outcome.ROLLED_BACK and ser._dialect.is_transient(error)
+        if not transient:
+            return None
+        h._attempts += 1
+        delay = ser._retry_backoff * 2 ** (h._attempts - 1)
+        log.info(
+            "writeturn: retrying the write on key %r (attempt %d of %d) in %.3fs after %s",
+            h.key,
+            h._attempts,
+            h._retries,
+            delay,
+            type(error).__name__,
+        )
+        ser._counters.retries += 1
+        return RetryWrite(delay * random.uniform(0.5, 1.5), error)
 
     async def _commit(self) -> tuple[Outcome, BaseException | None]:
         session, conn = self._session, self._conn_()

@@ -13,6 +13,7 @@ import logging
 from typing import Any, Literal
 
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .errors import ConfigurationError, UnsupportedDatabase
@@ -70,6 +71,15 @@ class Dialect:
         """Learn, on a fresh connection, whether transaction ``xid`` committed."""
         return Outcome.UNKNOWN
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a write that failed with ``exc`` and rolled back may succeed if run again."""
+        if isinstance(exc, DBAPIError):
+            return bool(exc.connection_invalidated) or self._transient(exc)
+        return False
+
+    def _transient(self, exc: DBAPIError) -> bool:
+        return False
+
 
 class SQLiteDialect(Dialect):
     """SQLite: every write begins IMMEDIATE, so it takes the write lock up front
@@ -88,6 +98,11 @@ class SQLiteDialect(Dialect):
         driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
         if driver is not None:
             await driver.interrupt()
+
+    def _transient(self, exc: DBAPIError) -> bool:
+        # Another process held the write lock past the busy timeout.
+        text_ = str(exc.orig).lower()
+        return "database is locked" in text_ or "database table is locked" in text_
 
 
 class PostgresDialect(Dialect):
@@ -117,6 +132,12 @@ class PostgresDialect(Dialect):
         async with engine.connect() as control:
             await control.execute(self._CANCEL, {"pid": pid})
             await control.rollback()
+
+    #: serialization_failure, deadlock_detected
+    _TRANSIENT_STATES = frozenset({"40001", "40P01"})
+
+    def _transient(self, exc: DBAPIError) -> bool:
+        return getattr(exc.orig, "sqlstate", None) in self._TRANSIENT_STATES
 
     async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
         if xid is None:

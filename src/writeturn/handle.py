@@ -57,6 +57,8 @@ class WriteHandle(Waiter, Generic[T]):
         "seq",
         "duplicate",
         "_journaled",
+        "_retries",
+        "_attempts",
         "_ser",
         "_fn",
         "_args",
@@ -98,6 +100,8 @@ class WriteHandle(Waiter, Generic[T]):
         #: committed, so this one did not run its function (outcome COMMITTED).
         self.duplicate = False
         self._journaled = journaled
+        self._retries = 0  # how many times a transient failure may be retried
+        self._attempts = 0  # retries made so far
         self._ser = ser
         self._fn = fn  # None for a write run by transaction(): the caller's block
         self._args = args

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from . import journal
 from ._batch import BatchRun
-from ._transaction import Transaction
+from ._transaction import GATE_KEY, RetryWrite, Transaction
 from .dialects import Coordination, configure_sqlite_engine, dialect_for
 from .errors import (
     ConfigurationError,
@@ -95,6 +95,8 @@ class WriteSerializer:
         journal: bool = False,
         batch_max: int = 1,
         batch_window: float = 0.0,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -120,6 +122,8 @@ class WriteSerializer:
             )
         self._batch_max = batch_max
         self._batch_window = _check_seconds("batch_window", batch_window, allow_zero=True)
+        self._retries = _check_retries(retries)
+        self._retry_backoff = _check_seconds("retry_backoff", retry_backoff, allow_zero=True)
         self._engine = engine
         self._coordination: Coordination = coordination
         self._namespace = namespace
@@ -151,6 +155,8 @@ class WriteSerializer:
         journal: bool = False,
         batch_max: int = 1,
         batch_window: float = 0.0,
+        retries: int = 0,
+        retry_backoff: float = 0.05,
         **engine_options: Any,
     ) -> WriteSerializer:
         """Create a serializer with an engine of its own, disposed by :meth:`close`.
@@ -184,6 +190,8 @@ class WriteSerializer:
                 journal=journal,
                 batch_max=batch_max,
                 batch_window=batch_window,
+                retries=retries,
+                retry_backoff=retry_backoff,
             )
         except BaseException:
             engine.sync_engine.dispose()
@@ -288,6 +296,7 @@ class WriteSerializer:
         writer: str | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        retries: int | None = None,
         **kwargs: Any,
     ) -> WriteHandle[T]:
         """Queue ``fn(session, *args, **kwargs)`` for one transaction; return its handle at once.
@@ -298,8 +307,12 @@ class WriteSerializer:
         if a write with the same key already committed (in any process),
         ``fn`` does not run and the handle completes COMMITTED with
         ``handle.duplicate`` True, so retrying after a timeout, a crash or an
-        UNKNOWN outcome applies the write exactly once. Awaiting the handle
-        returns ``fn``'s result once the
+        UNKNOWN outcome applies the write exactly once. ``retries`` (default:
+        the serializer's) runs ``fn`` again, in the same turn, after a
+        transient failure: a serialization failure or deadlock, a connection
+        lost with the outcome known to be ROLLED_BACK, SQLite busy from
+        another process; an UNKNOWN outcome only with an idempotency key.
+        Awaiting the handle returns ``fn``'s result once the
         transaction committed.
         """
         if not callable(fn):
@@ -309,6 +322,7 @@ class WriteSerializer:
         h: WriteHandle[T] = self._new_handle(
             fn, args, kwargs or None, key, writer, timeout, idempotency_key
         )
+        h._retries = self._retries if retries is None else _check_retries(retries)
         h._context = contextvars.copy_context()
         self._enter(h)
         if self._turns.enqueue(h.key, h):
@@ -324,6 +338,7 @@ class WriteSerializer:
         writer: str | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        retries: int | None = None,
         **kwargs: Any,
     ) -> T:
         """Submit ``fn`` and await its result: ``await ser.submit(...)`` in one call."""
@@ -334,6 +349,7 @@ class WriteSerializer:
             writer=writer,
             timeout=timeout,
             idempotency_key=idempotency_key,
+            retries=retries,
             **kwargs,
         )
 
@@ -475,24 +491,52 @@ class WriteSerializer:
 
     async def _work(self, h: WriteHandle[Any]) -> None:
         task = asyncio.current_task()
-        assert task is not None and h._fn is not None
-        fn, args, kwargs = h._fn, h._args, h._kwargs or {}
+        assert task is not None
         _HELD.set((*_HELD.get(), (self, h.key, task)))
-        try:
-            async with Transaction(self, h, 0) as session:
-                result = None
-                if not h.duplicate:  # a duplicate was applied once already: not again
-                    pending = fn(session, *args, **kwargs)
-                    if not inspect.isawaitable(pending):
-                        raise ConfigurationError(
-                            f"the write function {_name(fn)} returned {type(pending).__name__}, "
-                            "not an awaitable; it must be an `async def` taking the session first"
-                        )
-                    result = await pending
-        except (Exception, asyncio.CancelledError) as exc:
-            h._finish(exception=exc)
-        else:
-            h._finish(result=result)
+        gate_held = False
+        while True:
+            try:
+                result = await self._attempt(h, gate_held)
+            except RetryWrite as retry:
+                gate_held = self._gate is not None
+                try:
+                    await asyncio.sleep(retry.delay)  # keeps the turn: the write keeps its place
+                except asyncio.CancelledError:
+                    self._give_up_retry(h, gate_held, retry.cause)
+                    return
+                continue
+            except (Exception, asyncio.CancelledError) as exc:
+                h._finish(exception=exc)
+            else:
+                h._finish(result=result)
+            return
+
+    async def _attempt(self, h: WriteHandle[Any], gate_held: bool) -> Any:
+        """Run ``h``'s function in one transaction; raise RetryWrite if it will run again."""
+        fn, args, kwargs = h._fn, h._args, h._kwargs or {}
+        assert fn is not None
+        async with Transaction(self, h, 0, gate_held=gate_held) as session:
+            if h.duplicate:  # a duplicate was applied once already: not again
+                return None
+            pending = fn(session, *args, **kwargs)
+            if not inspect.isawaitable(pending):
+                raise ConfigurationError(
+                    f"the write function {_name(fn)} returned {type(pending).__name__}, "
+                    "not an awaitable; it must be an `async def` taking the session first"
+                )
+            return await pending
+
+    def _give_up_retry(self, h: WriteHandle[Any], gate_held: bool, cause: BaseException) -> None:
+        """The write was cancelled while waiting to retry: it ends ROLLED_BACK."""
+        if gate_held:
+            assert self._gate is not None
+            self._gate.release(GATE_KEY)
+        self._turns.release(h.key)
+        h._set_outcome(Outcome.ROLLED_BACK)
+        exc = h._reason_exception()
+        if not isinstance(exc, asyncio.CancelledError):
+            exc.__cause__ = cause
+        h._finish(exception=exc)
 
     def _worker_done(self, h: WriteHandle[Any]) -> None:
         if h._state is State.DONE:
@@ -590,6 +634,14 @@ def _check_idempotency_key(value: object) -> str:
         raise ConfigurationError(
             f"idempotency_key must be a non-empty string of at most 500 characters, got "
             f"{value!r}; use a request id, e.g. idempotency_key=f'payment:{{request_id}}'"
+        )
+    return value
+
+
+def _check_retries(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigurationError(
+            f"retries={value!r} must be a whole number, 0 or more (e.g. retries=3)"
         )
     return value
 

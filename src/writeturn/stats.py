@@ -19,7 +19,7 @@ class SerializerStats:
     reached a write before it finished. ``interrupts``: statements the driver
     was asked to stop after a cancellation outlasted ``cancel_grace``.
     ``connections_invalidated``: connections writeturn's writes had to discard
-    (the cost of a reconnect each).
+    (the cost of a reconnect each). ``retries``: transient failures retried.
     """
 
     committed: int
@@ -31,18 +31,26 @@ class SerializerStats:
     cancel_requests: int
     interrupts: int
     connections_invalidated: int
+    retries: int
 
 
 class Counters:
     """The mutable counters behind :class:`SerializerStats`."""
 
-    __slots__ = ("by_outcome", "cancel_requests", "interrupts", "connections_invalidated")
+    __slots__ = (
+        "by_outcome",
+        "cancel_requests",
+        "interrupts",
+        "connections_invalidated",
+        "retries",
+    )
 
     def __init__(self) -> None:
         self.by_outcome: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.cancel_requests = 0
         self.interrupts = 0
         self.connections_invalidated = 0
+        self.retries = 0
 
     def snapshot(self, queued: int, running: int) -> SerializerStats:
         o = self.by_outcome
@@ -56,4 +64,5 @@ class Counters:
             cancel_requests=self.cancel_requests,
             interrupts=self.interrupts,
             connections_invalidated=self.connections_invalidated,
+            retries=self.retries,
         )

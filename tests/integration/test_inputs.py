@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -93,7 +94,7 @@ async def test_submit_rejects(sqlite_url: str, kwargs: dict[str, Any], fragment:
         with pytest.raises(ConfigurationError):
             ser.transaction(**kwargs)
         # Nothing was queued or lost by the refused call.
-        assert ser.stats() == ser.stats().__class__(0, 0, 0, 0, 0, 0, 0, 0, 0)
+        assert not any(dataclasses.astuple(ser.stats()))
 
 
 async def test_write_functions_must_be_async(sqlite_url: str) -> None:
