@@ -156,11 +156,7 @@ class BatchRun:
     async def _undo(self, session: AsyncSession) -> None:
         txn = self._txn
         await txn._rollback()
-        try:
-            await txn.call(AsyncSession.close(session), interruptible=False)
-        except Exception:
-            pass
-        txn._session = None
+        txn._drop_session()
 
     async def _commit(self, ran: list[tuple[WriteHandle[Any], Any]]) -> None:
         txn = self._txn
@@ -173,12 +169,7 @@ class BatchRun:
             outcome, error = Outcome.COMMITTED, None
         except Exception as exc:
             outcome, error = await txn._commit_failed(exc)
-        if txn._session is not None:
-            try:
-                await txn.call(AsyncSession.close(txn._session), interruptible=False)
-            except Exception:
-                pass
-            txn._session = None
+        txn._drop_session()
         for h, result in ran:
             self._pending.remove(h)
             self._settle(h, outcome, error, result)

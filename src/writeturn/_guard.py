@@ -52,17 +52,49 @@ async def settle(fut: asyncio.Future[Any], on_cancel: Callable[[], object] | Non
     return cancelled
 
 
+class _CallTask(asyncio.Task[T]):
+    """A task its awaiter cannot cancel: the awaiter's cancellation waits for it.
+
+    ``Task.cancel()`` of the awaiting task calls ``cancel()`` on the future it
+    waits for; refusing here leaves this call running and makes asyncio raise
+    ``CancelledError`` in the awaiter right when the call is done, which is
+    exactly the promise of :func:`settle`, with no extra future or loop turn.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, T], on_cancel: Callable[[], object] | None):
+        super().__init__(coro)
+        self._writeturn_on_cancel = on_cancel
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        on_cancel, self._writeturn_on_cancel = self._writeturn_on_cancel, None
+        if on_cancel is not None:
+            on_cancel()
+        return False
+
+
 async def run_apart(
     coro: Coroutine[Any, Any, T], on_cancel: Callable[[], object] | None = None
 ) -> tuple[asyncio.Task[T], bool]:
     """Run ``coro`` to completion in its own task; return the finished task and
     whether the caller was cancelled while it ran (see :func:`settle`).
 
-    The task's exception is marked retrieved, so a result that nobody wants
-    logs nothing; call ``task.result()`` to get it or raise it.
+    ``on_cancel`` runs at the first cancellation. The task's exception is
+    marked retrieved, so a result that nobody wants logs nothing; call
+    ``task.result()`` to get it or raise it.
     """
-    task = asyncio.ensure_future(coro)
-    cancelled = await settle(task, on_cancel)
+    task = _CallTask(coro, on_cancel)
+    cancelled = False
+    while True:
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.done() or task.cancelled():
+                raise  # the call itself was cancelled: not ours to absorb
+            cancelled = True
+        except BaseException:
+            pass
+        if task.done():
+            break
     if not task.cancelled():
         task.exception()
     return task, cancelled

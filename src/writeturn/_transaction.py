@@ -76,6 +76,7 @@ class Transaction:
         "_session",
         "_began",
         "_gate_held",
+        "_owns_task",
         "_cancel_seen",
         "_xid",
         "_interrupt_timer",
@@ -89,6 +90,7 @@ class Transaction:
         entry_cancelling: int,
         *,
         gate_held: bool = False,
+        owns_task: bool = False,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -100,6 +102,9 @@ class Transaction:
         self._session: WriteSession | None = None
         self._began = False
         self._gate_held = gate_held  # a retry inherits the gate from its first attempt
+        # True when the task is writeturn's own worker, which nothing but the
+        # write's handle cancels, and no longer from ENDING on.
+        self._owns_task = owns_task
         self._cancel_seen = False
         self._xid: int | None = None
         self._interrupt_timer: asyncio.TimerHandle | None = None
@@ -164,6 +169,8 @@ class Transaction:
         if interruptible and (self._cancel_seen or self._h._reason is not None):
             coro.close()
             raise asyncio.CancelledError
+        if not interruptible and self._owns_task and self._h._state >= State.ENDING:
+            return await coro  # no cancellation can reach this task any more
         task, cancelled = await run_apart(coro, self._schedule_interrupt if interruptible else None)
         await self._finish_interrupt()
         if cancelled:
@@ -202,6 +209,12 @@ class Transaction:
                 log.warning("writeturn: interrupting a statement failed: %r", task.exception())
 
     async def _connect(self, check_reason: bool = True) -> None:
+        spare = self._ser._take_spare()
+        if spare is not None:
+            self._conn = spare
+            if check_reason and self._h._reason is not None:
+                raise asyncio.CancelledError
+            return
         engine = self._ser._engine
         checkout = asyncio.ensure_future(AsyncConnection(engine).start())
         # Nothing has begun during a checkout, so a cancellation may simply stop it.
@@ -233,7 +246,9 @@ class Transaction:
                     outcome, error = await self._commit()
                 else:
                     outcome = Outcome.ROLLED_BACK
+                    h._state = State.ENDING
                     await self._rollback()
+            h._state = max(h._state, State.ENDING)
             if self._conn is not None:
                 await self._close()
             cancelled = self._cancel_seen or isinstance(exc, asyncio.CancelledError)
@@ -291,9 +306,11 @@ class Transaction:
             if session is not None and (session.new or session.dirty or session.deleted):
                 await self.call(AsyncSession.flush(session))
         except BaseException as exc:
+            self._h._state = State.ENDING
             await self._rollback()
             return Outcome.ROLLED_BACK, exc
         if self._cancel_seen or self._h._reason is not None:
+            self._h._state = State.ENDING
             await self._rollback()
             return Outcome.ROLLED_BACK, None
         self._h._state = State.COMMITTING
@@ -365,17 +382,25 @@ class Transaction:
 
     async def _close(self) -> None:
         conn = self._conn_()
-        if self._session is not None:
-            try:
-                await self.call(AsyncSession.close(self._session), interruptible=False)
-            except Exception as exc:
-                log.debug("writeturn: closing the session failed: %r", exc)
+        self._drop_session()
         if conn.invalidated:
             self._ser._counters.connections_invalidated += 1
+        elif self._ser._park(conn):
+            return  # kept for the next write: no pool round trip
         try:
             await self.call(conn.close(), interruptible=False)
         except Exception as exc:
             log.warning("writeturn: returning a connection failed (%r)", exc)
+
+    def _drop_session(self) -> None:
+        """Detach what the write loaded; the transaction itself has already ended.
+
+        The session never owned the connection (``rollback_only``), so there is
+        nothing to send: dropping it costs no round trip.
+        """
+        if self._session is not None:
+            self._session.expunge_all()
+            self._session = None
 
     def _release(self) -> None:
         ser = self._ser

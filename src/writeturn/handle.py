@@ -8,7 +8,6 @@ import enum
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._guard import settle
 from .errors import SerializerClosed, TurnTimeout
 from .outcome import Outcome
 from .turnlock import Waiter
@@ -27,8 +26,10 @@ class State(enum.IntEnum):
     QUEUED = 0  # waiting for its turn
     STARTING = 1  # granted the turn; its task has not begun the transaction yet
     RUNNING = 2  # inside its transaction, before COMMIT is sent
-    COMMITTING = 3  # COMMIT sent: past the point where a cancellation can stop it
-    DONE = 4
+    # From here on a cancellation cannot stop the write, only be noted:
+    ENDING = 3  # ROLLBACK sent
+    COMMITTING = 4  # COMMIT sent
+    DONE = 5
 
 
 class Reason(enum.Enum):
@@ -37,6 +38,20 @@ class Reason(enum.Enum):
     CANCEL = "cancel"
     TIMEOUT = "timeout"
     CLOSE = "close"
+
+
+class _Settled(asyncio.Future[None]):
+    """Resolved when a write settles. Its awaiters cannot cancel it: cancelling an
+    awaiting task asks for the write to be cancelled instead, and asyncio raises
+    ``CancelledError`` in that task once the write has settled."""
+
+    def __init__(self, handle: WriteHandle[Any]) -> None:
+        super().__init__()
+        self._writeturn_handle = handle
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        self._writeturn_handle.cancel()
+        return False
 
 
 class WriteHandle(Waiter, Generic[T]):
@@ -113,7 +128,7 @@ class WriteHandle(Waiter, Generic[T]):
         self._outcome = Outcome.PENDING
         self._result: T | None = None
         self._exception: BaseException | None = None
-        self._done: asyncio.Future[None] | None = None  # made when first awaited
+        self._done: _Settled | None = None  # made when first awaited
         self._grant: asyncio.Future[None] | None = None  # transaction(): the wait for the turn
         self._task: asyncio.Task[Any] | None = None  # the task running the transaction
         self._reason: Reason | None = None
@@ -167,9 +182,10 @@ class WriteHandle(Waiter, Generic[T]):
     async def _wait(self) -> T:
         if self._state is not State.DONE:
             if self._done is None:
-                self._done = asyncio.get_running_loop().create_future()
-            if await settle(self._done, self.cancel):
-                raise asyncio.CancelledError
+                self._done = _Settled(self)
+            # A cancellation of this task cancels the write and lands here once
+            # the write has settled (see _Settled).
+            await self._done
         return self.result()
 
     def on_grant(self) -> None:
@@ -186,9 +202,9 @@ class WriteHandle(Waiter, Generic[T]):
             return False
         ser = self._ser
         ser._counters.cancel_requests += 1
-        if state is State.COMMITTING:
-            # Past the point of no return: the commit finishes. Only a caller's
-            # cancellation is remembered, so that awaiting raises CancelledError.
+        if state >= State.ENDING:
+            # Past the point of no return: COMMIT or ROLLBACK finishes. Only a
+            # caller's cancellation is remembered, so that awaiting raises it.
             if reason is Reason.CANCEL and self._reason is None:
                 self._reason = reason
             return True

@@ -7,13 +7,14 @@ import contextvars
 import inspect
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from . import journal
 from ._batch import BatchRun
@@ -41,6 +42,10 @@ T = TypeVar("T")
 
 DEFAULT_KEY = ""
 _COORDINATIONS = ("turn", "advisory")
+# Up to this many connections stay checked out between writes, for at most
+# this long: the next write skips the pool (checkout, reset, checkin).
+_SPARES = 2
+_SPARE_MAX_IDLE = 1.0
 
 # The turns the current task holds: (serializer, key, task) triples. A copied
 # context (a task a holder spawned) inherits the value, so the task is kept too.
@@ -137,6 +142,8 @@ class WriteSerializer:
         self._counters = Counters()
         self._live: set[WriteHandle[Any]] = set()
         self._batches: set[asyncio.Task[None]] = set()
+        # Connections parked between writes, newest last, with when they were parked.
+        self._spares: list[tuple[AsyncConnection, float]] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._state: Literal["new", "started", "closing", "closed"] = "new"
@@ -249,6 +256,7 @@ class WriteSerializer:
                     self._stop_all()
             await self._idle.wait()
         finally:
+            await self._close_spares()
             if self._owns_engine:
                 await self._engine.dispose()
             self._state = "closed"
@@ -265,6 +273,42 @@ class WriteSerializer:
         tb: TracebackType | None,
     ) -> None:
         await self.close(drain=exc_type is None)
+
+    def _take_spare(self) -> AsyncConnection | None:
+        """A connection parked by an earlier write, if one is fresh enough to trust."""
+        now = time.monotonic()
+        while self._spares:
+            conn, parked = self._spares.pop()
+            if now - parked <= _SPARE_MAX_IDLE and not conn.invalidated and not conn.closed:
+                return conn
+            self._discard_spare(conn)
+        return None
+
+    def _park(self, conn: AsyncConnection) -> bool:
+        """Keep ``conn`` for the next write instead of returning it to the pool."""
+        if (
+            self._state != "started"
+            or len(self._spares) >= _SPARES
+            or conn.invalidated
+            or conn.closed
+            or conn.in_transaction()
+        ):
+            return False
+        self._spares.append((conn, time.monotonic()))
+        return True
+
+    def _discard_spare(self, conn: AsyncConnection) -> None:
+        task = asyncio.ensure_future(conn.close())
+        self._batches.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._batches.discard)
+
+    async def _close_spares(self) -> None:
+        spares, self._spares = self._spares, []
+        for conn, _ in spares:
+            try:
+                await conn.close()
+            except Exception as exc:
+                log.debug("writeturn: closing a spare connection failed: %r", exc)
 
     def _stop_all(self) -> None:
         for h in list(self._live):
@@ -515,7 +559,7 @@ class WriteSerializer:
         """Run ``h``'s function in one transaction; raise RetryWrite if it will run again."""
         fn, args, kwargs = h._fn, h._args, h._kwargs or {}
         assert fn is not None
-        async with Transaction(self, h, 0, gate_held=gate_held) as session:
+        async with Transaction(self, h, 0, gate_held=gate_held, owns_task=True) as session:
             if h.duplicate:  # a duplicate was applied once already: not again
                 return None
             pending = fn(session, *args, **kwargs)
