@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -90,6 +91,7 @@ class WriteHandle(Waiter, Generic[T]):
         "_task",
         "_reason",
         "_cancels_sent",
+        "_since",
         "__weakref__",
     )
 
@@ -133,6 +135,8 @@ class WriteHandle(Waiter, Generic[T]):
         self._task: asyncio.Task[Any] | None = None  # the task running the transaction
         self._reason: Reason | None = None
         self._cancels_sent = 0  # task.cancel() calls writeturn made for this write
+        # When it was queued; from the grant on, when it got its turn.
+        self._since = time.monotonic()
 
     # -- public -----------------------------------------------------------
 
@@ -189,12 +193,19 @@ class WriteHandle(Waiter, Generic[T]):
         return self.result()
 
     def on_grant(self) -> None:
-        self._state = State.STARTING
+        self._granted()
         if self._grant is not None:
             if not self._grant.done():
                 self._grant.set_result(None)
         else:
             self._ser._start_worker(self)
+
+    def _granted(self) -> None:
+        """The turn (or a place in a batch) is this write's now."""
+        now = time.monotonic()
+        self._ser._counters.waits.append(now - self._since)
+        self._since = now
+        self._state = State.STARTING
 
     def _interrupt(self, reason: Reason) -> bool:
         state = self._state
@@ -289,6 +300,8 @@ class WriteHandle(Waiter, Generic[T]):
         if self._state is State.DONE:
             return
         assert self._outcome is not Outcome.PENDING
+        if self._state >= State.STARTING:
+            self._ser._counters.holds.append(time.monotonic() - self._since)
         self._state = State.DONE
         self._disarm()
         self._result = result

@@ -529,7 +529,7 @@ class WriteSerializer:
         handles: list[WriteHandle[Any]] = []
         for w in claimed:
             assert isinstance(w, WriteHandle)
-            w._state = State.STARTING
+            w._granted()
             handles.append(w)
         return handles
 

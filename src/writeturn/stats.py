@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from .outcome import Outcome
@@ -20,6 +21,9 @@ class SerializerStats:
     was asked to stop after a cancellation outlasted ``cancel_grace``.
     ``connections_invalidated``: connections writeturn's writes had to discard
     (the cost of a reconnect each). ``retries``: transient failures retried.
+    ``wait_p50``, ``wait_p99``: seconds from submission to the turn;
+    ``hold_p50``, ``hold_p99``: seconds a turn was held; both over the last
+    4,096 writes (0.0 before any).
     """
 
     committed: int
@@ -32,6 +36,20 @@ class SerializerStats:
     interrupts: int
     connections_invalidated: int
     retries: int
+    wait_p50: float
+    wait_p99: float
+    hold_p50: float
+    hold_p99: float
+
+
+_WINDOW = 4096
+
+
+def _percentile(samples: deque[float], q: float) -> float:
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Counters:
@@ -43,6 +61,8 @@ class Counters:
         "interrupts",
         "connections_invalidated",
         "retries",
+        "waits",
+        "holds",
     )
 
     def __init__(self) -> None:
@@ -51,6 +71,8 @@ class Counters:
         self.interrupts = 0
         self.connections_invalidated = 0
         self.retries = 0
+        self.waits: deque[float] = deque(maxlen=_WINDOW)
+        self.holds: deque[float] = deque(maxlen=_WINDOW)
 
     def snapshot(self, queued: int, running: int) -> SerializerStats:
         o = self.by_outcome
@@ -65,4 +87,8 @@ class Counters:
             interrupts=self.interrupts,
             connections_invalidated=self.connections_invalidated,
             retries=self.retries,
+            wait_p50=_percentile(self.waits, 0.5),
+            wait_p99=_percentile(self.waits, 0.99),
+            hold_p50=_percentile(self.holds, 0.5),
+            hold_p99=_percentile(self.holds, 0.99),
         )

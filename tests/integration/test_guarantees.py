@@ -469,3 +469,19 @@ async def test_close_drains_or_withdraws(db_url: str) -> None:
     async with verify:
         assert [r[3] for r in await ledger(verify.engine)] == [0, 1, 2]
         assert await pg_leftovers(verify.engine) == (0, 0)
+
+
+async def test_stats_report_wait_and_hold_times(db_url: str) -> None:
+    async with serializer(db_url) as ser:
+        await create_tables(ser.engine)
+
+        async def hold(session: AsyncSession) -> None:
+            await record(session, "k", "w", 0)
+            await asyncio.sleep(0.05)
+
+        assert ser.stats().hold_p50 == 0.0
+        await asyncio.gather(*(ser.run(hold, key="k") for _ in range(4)))
+        stats = ser.stats()
+        assert stats.hold_p50 >= 0.05  # each write held its turn through its sleep
+        assert stats.wait_p99 >= 0.15  # the last one waited for the three before it
+        assert stats.wait_p50 <= stats.wait_p99
