@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import Counter
 from typing import Any
 
@@ -15,7 +14,7 @@ from writeturn import Outcome, TurnTimeout, WriteHandle
 
 from ._db import counter, create_tables, increment, ledger, pg_leftovers, record, serializer
 from .test_guarantees import Blocker
-from .test_storm import SEED, WRITERS, Storm
+from .test_storm import check_storm, run_storm
 
 
 class Commits:
@@ -161,23 +160,4 @@ async def test_batched_increments_lose_nothing(db_url: str, coordination: str) -
 async def test_cancellation_storm_with_group_commit(db_url: str) -> None:
     async with serializer(db_url, coordination="advisory", batch_max=16) as ser:
         await create_tables(ser.engine)
-        storm = Storm(ser, random.Random(SEED))
-        async with asyncio.timeout(240):
-            await asyncio.gather(*(storm.writer(f"w{i}") for i in range(WRITERS)))
-            await asyncio.gather(*storm.waiters, return_exceptions=True)
-        handles = storm.handles
-        outcomes = Counter(h.outcome for h in handles.values())
-        committed = {k for k, h in handles.items() if h.outcome is Outcome.COMMITTED}
-        assert outcomes[Outcome.ROLLED_BACK] > 50 and outcomes[Outcome.WITHDRAWN] > 50, outcomes
-        assert outcomes[Outcome.UNKNOWN] == 0
-        assert storm.peak == 1 and storm.overlaps_seen_by_db == 0
-        rows = await ledger(ser.engine)
-        assert await counter(ser.engine) == len(committed) == len(rows)
-        assert {(r[2], r[3]) for r in rows} == committed
-        for i in range(WRITERS):
-            seqs = [r[3] for r in rows if r[2] == f"w{i}"]
-            assert seqs == sorted(seqs)
-        stats = ser.stats()
-        assert (stats.queued, stats.running) == (0, 0)
-        assert stats.connections_invalidated <= stats.cancel_requests / 100
-        assert await pg_leftovers(ser.engine) == (0, 0)
+        await check_storm(ser, await run_storm(ser))

@@ -98,49 +98,58 @@ async def other_open_transactions(session: AsyncSession) -> int:
     return int((await session.execute(text(sql))).scalar_one())
 
 
+async def run_storm(ser: WriteSerializer) -> Storm:
+    """Run the storm to the end on ``ser`` (its tables already made)."""
+    storm = Storm(ser, random.Random(SEED))
+    async with asyncio.timeout(240):
+        await asyncio.gather(*(storm.writer(f"w{i}") for i in range(WRITERS)))
+        await asyncio.gather(*storm.waiters, return_exceptions=True)
+    return storm
+
+
+async def check_storm(ser: WriteSerializer, storm: Storm) -> None:
+    """Every guarantee, checked against the database after a storm."""
+    handles = storm.handles
+    assert all(h.done() for h in handles.values())
+    outcomes = Counter(h.outcome for h in handles.values())
+    committed = {k for k, h in handles.items() if h.outcome is Outcome.COMMITTED}
+
+    # The storm reached every phase.
+    assert outcomes[Outcome.WITHDRAWN] > 50, outcomes
+    assert outcomes[Outcome.ROLLED_BACK] > 50, outcomes
+    assert outcomes[Outcome.UNKNOWN] == 0, outcomes
+    assert sum(p != "none" for p in storm.plans.values()) > len(handles) // 4
+
+    # Mutual exclusion, and no lost update.
+    assert storm.peak == 1
+    assert storm.overlaps_seen_by_db == 0
+    rows = await ledger(ser.engine)
+    assert await counter(ser.engine) == len(committed) == len(rows)
+
+    # Outcome truth: exactly the COMMITTED writes are in the database.
+    assert {(r[2], r[3]) for r in rows} == committed
+
+    # Order: per writer, writes committed in submission order.
+    for i in range(WRITERS):
+        seqs = [r[3] for r in rows if r[2] == f"w{i}"]
+        assert seqs == sorted(seqs)
+
+    # Nothing is left behind, and the cancellations cost no reconnects.
+    stats = ser.stats()
+    assert (stats.queued, stats.running) == (0, 0)
+    assert stats.committed == outcomes[Outcome.COMMITTED]
+    assert stats.rolled_back == outcomes[Outcome.ROLLED_BACK]
+    assert stats.withdrawn == outcomes[Outcome.WITHDRAWN]
+    assert stats.connections_invalidated <= stats.cancel_requests / 100
+    assert await pg_leftovers(ser.engine) == (0, 0)
+
+    # The serializer still writes after the storm.
+    await ser.run(record, "k", "after", 0, key="k", timeout=10)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("coordination", ["turn", "advisory"])
 async def test_cancellation_storm_keeps_every_guarantee(db_url: str, coordination: str) -> None:
     async with serializer(db_url, coordination=coordination) as ser:
         await create_tables(ser.engine)
-        storm = Storm(ser, random.Random(SEED))
-        async with asyncio.timeout(240):
-            await asyncio.gather(*(storm.writer(f"w{i}") for i in range(WRITERS)))
-            await asyncio.gather(*storm.waiters, return_exceptions=True)
-
-        handles = storm.handles
-        assert all(h.done() for h in handles.values())
-        outcomes = Counter(h.outcome for h in handles.values())
-        committed = {k for k, h in handles.items() if h.outcome is Outcome.COMMITTED}
-
-        # The storm reached every phase.
-        assert outcomes[Outcome.WITHDRAWN] > 50, outcomes
-        assert outcomes[Outcome.ROLLED_BACK] > 50, outcomes
-        assert outcomes[Outcome.UNKNOWN] == 0, outcomes
-        assert sum(p != "none" for p in storm.plans.values()) > len(handles) // 4
-
-        # Mutual exclusion, and no lost update.
-        assert storm.peak == 1
-        assert storm.overlaps_seen_by_db == 0
-        rows = await ledger(ser.engine)
-        assert await counter(ser.engine) == len(committed) == len(rows)
-
-        # Outcome truth: exactly the COMMITTED writes are in the database.
-        assert {(r[2], r[3]) for r in rows} == committed
-
-        # Order: per writer, writes committed in submission order.
-        for i in range(WRITERS):
-            seqs = [r[3] for r in rows if r[2] == f"w{i}"]
-            assert seqs == sorted(seqs)
-
-        # Nothing is left behind, and the cancellations cost no reconnects.
-        stats = ser.stats()
-        assert (stats.queued, stats.running) == (0, 0)
-        assert stats.committed == outcomes[Outcome.COMMITTED]
-        assert stats.rolled_back == outcomes[Outcome.ROLLED_BACK]
-        assert stats.withdrawn == outcomes[Outcome.WITHDRAWN]
-        assert stats.connections_invalidated <= stats.cancel_requests / 100
-        assert await pg_leftovers(ser.engine) == (0, 0)
-
-        # The serializer still writes after the storm.
-        await ser.run(record, "k", "after", 0, key="k", timeout=10)
+        await check_storm(ser, await run_storm(ser))
