@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._session import WriteSession
 from .errors import (
     ConfigurationError,
+    ConnectionLost,
     DatabaseUnreachable,
     JournalMissing,
     OutcomeUnknown,
@@ -49,6 +50,7 @@ __all__ = [
     "OutcomeUnknown",
     "TransactionOwnedError",
     "DatabaseUnreachable",
+    "ConnectionLost",
     "JournalMissing",
 ]
 

@@ -39,9 +39,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from . import journal
 from ._guard import run_apart, settle
 from ._session import WriteSession
-from .errors import OutcomeUnknown
+from .errors import ConnectionLost, DatabaseUnreachable, OutcomeUnknown
 from .handle import State, WriteHandle
 from .outcome import Outcome
+from .urls import describe_error, redact
 
 if TYPE_CHECKING:
     from .serializer import WriteSerializer
@@ -122,7 +123,7 @@ class Transaction:
                 self._gate_held = True
             await self._connect()
             self._began = True
-            self._xid = await self.call(ser._dialect.begin(self._conn_(), h.key))
+            self._xid = await self._begin()
             if h._journaled:
                 entry = await self.call(
                     journal.record(
@@ -208,6 +209,28 @@ class Transaction:
             if not task.cancelled() and task.exception() is not None:
                 log.warning("writeturn: interrupting a statement failed: %r", task.exception())
 
+    async def _begin(self) -> int | None:
+        """BEGIN (and the lock); a connection found dead here is replaced once.
+
+        A connection can die while it sits idle in the pool or parked (a
+        server restart, an idle timeout, an operator's pg_terminate_backend).
+        Nothing of the write has run yet, so a fresh connection costs nothing.
+        """
+        h, dialect = self._h, self._ser._dialect
+        deadline = h._timer.when() if h._timer is not None else None
+        try:
+            return await self.call(dialect.begin(self._conn_(), h.key, deadline))
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.info("writeturn: a connection was dead at BEGIN; taking a fresh one (%s)", exc)
+            await self._close()
+            self._conn = None
+            self._began = False  # the dead connection's transaction died with it
+            await self._connect()
+            self._began = True
+            return await self.call(dialect.begin(self._conn_(), h.key, deadline))
+
     async def _connect(self, check_reason: bool = True) -> None:
         spare = self._ser._take_spare()
         if spare is not None:
@@ -222,6 +245,14 @@ class Transaction:
             self._cancel_seen = True
         if checkout.cancelled():
             raise asyncio.CancelledError
+        if checkout.exception() is not None:
+            exc = checkout.exception()
+            assert exc is not None
+            url = self._ser._engine.url
+            raise DatabaseUnreachable(
+                f"cannot reach {redact(url)} for the write on key {self._h.key!r}: "
+                f"{describe_error(exc, url)}; the write did not begin (WITHDRAWN)"
+            ) from exc
         self._conn = checkout.result()
         if self._cancel_seen or (check_reason and self._h._reason is not None):
             raise asyncio.CancelledError
@@ -248,6 +279,7 @@ class Transaction:
                     outcome = Outcome.ROLLED_BACK
                     h._state = State.ENDING
                     await self._rollback()
+            lost = self._lost(error)
             h._state = max(h._state, State.ENDING)
             if self._conn is not None:
                 await self._close()
@@ -266,7 +298,24 @@ class Transaction:
             return retry
         if cancelled or h._reason is not None:
             return h._cancellation(error, self._task, self._entry_cancelling)
+        if lost and error is not None and not isinstance(error, OutcomeUnknown):
+            return self._connection_lost(outcome, error)
         return error
+
+    def _lost(self, error: BaseException | None) -> bool:
+        """Whether the write's connection died (read before the connection is returned)."""
+        if self._conn is not None and self._conn.invalidated:
+            return True
+        return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+    def _connection_lost(self, outcome: Outcome, error: BaseException) -> ConnectionLost:
+        cause = describe_error(error, self._ser._engine.url)
+        err = ConnectionLost(
+            f"the connection to the database was lost during the write on key "
+            f"{self._h.key!r}; outcome {outcome.value}: {cause}"
+        )
+        err.__cause__ = error
+        return err
 
     def _retry_for(self, outcome: Outcome, error: BaseException | None) -> RetryWrite | None:
         """A retry of this write if ``error`` is transient and it has retries left.
@@ -323,13 +372,18 @@ class Transaction:
 
     async def _commit_failed(self, exc: Exception) -> tuple[Outcome, BaseException | None]:
         conn = self._conn_()
+        ser = self._ser
         lost = conn.invalidated or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        if ser._dialect.not_sent(exc):
+            # The driver refused COMMIT before sending it: the server never
+            # committed, and rolls back when the dead connection is gone.
+            await self._rollback()
+            return Outcome.ROLLED_BACK, exc
         if not lost and isinstance(exc, DBAPIError):
             # An ordinary error at COMMIT (serialization failure, deferred
             # constraint): the database rolled the transaction back.
             await self._rollback()
             return Outcome.ROLLED_BACK, exc
-        ser = self._ser
         outcome = await self.call(
             ser._dialect.commit_outcome(ser._engine, self._xid), interruptible=False
         )
@@ -385,6 +439,7 @@ class Transaction:
         self._drop_session()
         if conn.invalidated:
             self._ser._counters.connections_invalidated += 1
+            self._ser._drop_spares()
         elif self._ser._park(conn):
             return  # kept for the next write: no pool round trip
         try:

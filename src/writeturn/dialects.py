@@ -59,9 +59,18 @@ class Dialect:
         self.coordination = coordination
         self.namespace = namespace
 
-    async def begin(self, conn: AsyncConnection, key: str) -> int | None:
-        """Start the write transaction on ``conn``; return a transaction id if one is known."""
+    async def begin(
+        self, conn: AsyncConnection, key: str, deadline: float | None = None
+    ) -> int | None:
+        """Start the write transaction on ``conn``; return a transaction id if one is known.
+
+        ``deadline`` (event-loop time) is when the write's timeout expires.
+        """
         raise NotImplementedError
+
+    def not_sent(self, exc: BaseException) -> bool:
+        """Whether a failed COMMIT was refused by the driver before it reached the server."""
+        return False
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         """Ask the driver to stop the statement running on ``conn`` with an ordinary error."""
@@ -90,9 +99,33 @@ class SQLiteDialect(Dialect):
     name = "sqlite"
     single_writer = True
 
-    async def begin(self, conn: AsyncConnection, key: str) -> int | None:
+    async def begin(
+        self, conn: AsyncConnection, key: str, deadline: float | None = None
+    ) -> int | None:
+        if deadline is not None:
+            # sqlite3_interrupt does not stop a busy wait, so a write with a
+            # timeout waits for another process's lock at most until then
+            # (a little past it, so that writeturn's timeout ends the wait).
+            configured = await self._busy_timeout_ms(conn)
+            cap = int(max(0.0, deadline - asyncio.get_running_loop().time()) * 1000) + 50
+            if cap < configured:
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout={cap}")
+                try:
+                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                finally:
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={configured}")
+                return None
         await conn.exec_driver_sql("BEGIN IMMEDIATE")
         return None
+
+    @staticmethod
+    async def _busy_timeout_ms(conn: AsyncConnection) -> int:
+        """The connection's own busy timeout, read once per connection."""
+        info = conn.info
+        if "writeturn_busy_ms" not in info:
+            ms = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+            info["writeturn_busy_ms"] = int(ms or 0)
+        return int(info["writeturn_busy_ms"])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
@@ -118,7 +151,9 @@ class PostgresDialect(Dialect):
     _STATUS = text("SELECT txid_status(:xid)")
     _CANCEL = text("SELECT pg_cancel_backend(:pid)")
 
-    async def begin(self, conn: AsyncConnection, key: str) -> int | None:
+    async def begin(
+        self, conn: AsyncConnection, key: str, deadline: float | None = None
+    ) -> int | None:
         if self.coordination != "advisory":
             return None
         row = (await conn.execute(self._LOCK, {"lock_id": lock_id(self.namespace, key)})).one()
@@ -139,6 +174,13 @@ class PostgresDialect(Dialect):
     def _transient(self, exc: DBAPIError) -> bool:
         return getattr(exc.orig, "sqlstate", None) in self._TRANSIENT_STATES
 
+    #: asyncpg refuses these before it writes anything to the socket.
+    _NOT_SENT = ("connection is closed", "another operation is in progress")
+
+    def not_sent(self, exc: BaseException) -> bool:
+        text_ = str(exc.orig if isinstance(exc, DBAPIError) else exc).lower()
+        return any(marker in text_ for marker in self._NOT_SENT)
+
     async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
         if xid is None:
             return Outcome.UNKNOWN
@@ -149,9 +191,10 @@ class PostgresDialect(Dialect):
                 async with engine.connect() as conn:
                     status = (await conn.execute(self._STATUS, {"xid": xid})).scalar()
                     await conn.rollback()
-            except Exception as exc:  # the server may still be unreachable
+            except Exception as exc:  # the server may be restarting: ask again
                 log.warning("writeturn: could not learn the outcome of xid %s: %s", xid, exc)
-                return Outcome.UNKNOWN
+                await asyncio.sleep(0.1)
+                continue
             if status == "committed":
                 return Outcome.COMMITTED
             if status == "aborted":

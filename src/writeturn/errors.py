@@ -18,6 +18,7 @@ __all__ = [
     "TransactionOwnedError",
     "SerializerNotStarted",
     "DatabaseUnreachable",
+    "ConnectionLost",
     "JournalMissing",
 ]
 
@@ -63,6 +64,10 @@ class SerializerNotStarted(WriteturnError):
 
 class DatabaseUnreachable(WriteturnError):
     """The database could not be reached."""
+
+
+class ConnectionLost(WriteturnError):
+    """The connection to the database was lost during the write; the cause says how."""
 
 
 class JournalMissing(WriteturnError):

@@ -258,7 +258,7 @@ class WriteHandle(Waiter, Generic[T]):
         if self._reason is Reason.CLOSE:
             return SerializerClosed(
                 f"write on key {self.key!r} (writer {self.writer!r}) was stopped {where} by "
-                f"close(drain=False); outcome {self._outcome.value}"
+                f"close() (drain=False, or its timeout ran out); outcome {self._outcome.value}"
             )
         return asyncio.CancelledError()
 

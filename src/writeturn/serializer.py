@@ -32,7 +32,7 @@ from .handle import Reason, State, WriteHandle
 from .outcome import Outcome
 from .stats import Counters, SerializerStats
 from .turnlock import KeyStatistics, TurnLock
-from .urls import backend_of, normalize_url, redact
+from .urls import backend_of, describe_error, normalize_url, redact
 
 __all__ = ["WriteSerializer", "TransactionContext"]
 
@@ -225,8 +225,9 @@ class WriteSerializer:
         except JournalMissing:
             raise
         except Exception as exc:
+            url = self._engine.url
             raise DatabaseUnreachable(
-                f"cannot reach {redact(self._engine.url)}: {_scrub(exc, self._engine.url)}; "
+                f"cannot reach {redact(url)}: {describe_error(exc, url)}; "
                 "check that the server runs and the URL is right"
             ) from None
         self._state = "started"
@@ -296,6 +297,12 @@ class WriteSerializer:
             return False
         self._spares.append((conn, time.monotonic()))
         return True
+
+    def _drop_spares(self) -> None:
+        """Another connection died: the parked ones may have died with it (a restart)."""
+        spares, self._spares = self._spares, []
+        for conn, _ in spares:
+            self._discard_spare(conn)
 
     def _discard_spare(self, conn: AsyncConnection) -> None:
         task = asyncio.ensure_future(conn.close())
@@ -703,14 +710,6 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
             f"{name}={value!r} must be a finite number of seconds, {bound} (e.g. {name}=2.0)"
         )
     return float(value)  # type: ignore[arg-type]
-
-
-def _scrub(exc: BaseException, url: URL) -> str:
-    """A one-line description of ``exc`` with the URL's password masked."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if url.password:
-        text = text.replace(str(url.password), "***")
-    return text
 
 
 def _name(fn: object) -> str:

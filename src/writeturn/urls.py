@@ -14,7 +14,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import UnsupportedDatabase
 
-__all__ = ["Backend", "normalize_url", "redact", "backend_of"]
+__all__ = ["Backend", "normalize_url", "redact", "backend_of", "describe_error"]
 
 Backend = Literal["sqlite", "postgresql"]
 
@@ -88,6 +88,14 @@ def normalize_url(url: str | URL) -> URL:
             "every connection shares, e.g. sqlite+aiosqlite:///./app.db"
         )
     return parsed.set(drivername=drivername)
+
+
+def describe_error(exc: BaseException, url: URL) -> str:
+    """A one-line description of ``exc`` with the URL's password masked."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text
 
 
 def backend_of(url: URL) -> Backend:
