@@ -16,6 +16,7 @@ from .errors import (
     DatabaseUnreachable,
     JournalMissing,
     OutcomeUnknown,
+    QueueFull,
     ReentrantWriteError,
     SerializerClosed,
     SerializerNotStarted,
@@ -52,6 +53,7 @@ __all__ = [
     "DatabaseUnreachable",
     "ConnectionLost",
     "JournalMissing",
+    "QueueFull",
 ]
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ __all__ = [
     "SerializerNotStarted",
     "DatabaseUnreachable",
     "ConnectionLost",
+    "QueueFull",
     "JournalMissing",
 ]
 
@@ -64,6 +65,10 @@ class SerializerNotStarted(WriteturnError):
 
 class DatabaseUnreachable(WriteturnError):
     """The database could not be reached."""
+
+
+class QueueFull(WriteturnError):
+    """Too many writes wait for this key already (max_queue); nothing was queued."""
 
 
 class ConnectionLost(WriteturnError):

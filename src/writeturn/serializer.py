@@ -24,6 +24,7 @@ from .errors import (
     ConfigurationError,
     DatabaseUnreachable,
     JournalMissing,
+    QueueFull,
     ReentrantWriteError,
     SerializerClosed,
     SerializerNotStarted,
@@ -102,6 +103,7 @@ class WriteSerializer:
         batch_window: float = 0.0,
         retries: int = 0,
         retry_backoff: float = 0.05,
+        max_queue: int | None = None,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -128,6 +130,14 @@ class WriteSerializer:
         self._batch_max = batch_max
         self._batch_window = _check_seconds("batch_window", batch_window, allow_zero=True)
         self._retries = _check_retries(retries)
+        if max_queue is not None and (
+            not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1
+        ):
+            raise ConfigurationError(
+                f"max_queue={max_queue!r} must be a whole number of writes, 1 or more, or None "
+                "(no limit)"
+            )
+        self._max_queue = max_queue
         self._retry_backoff = _check_seconds("retry_backoff", retry_backoff, allow_zero=True)
         self._engine = engine
         self._coordination: Coordination = coordination
@@ -164,6 +174,7 @@ class WriteSerializer:
         batch_window: float = 0.0,
         retries: int = 0,
         retry_backoff: float = 0.05,
+        max_queue: int | None = None,
         **engine_options: Any,
     ) -> WriteSerializer:
         """Create a serializer with an engine of its own, disposed by :meth:`close`.
@@ -199,6 +210,7 @@ class WriteSerializer:
                 batch_window=batch_window,
                 retries=retries,
                 retry_backoff=retry_backoff,
+                max_queue=max_queue,
             )
         except BaseException:
             engine.sync_engine.dispose()
@@ -475,6 +487,13 @@ class WriteSerializer:
         if idempotency_key is not None:
             idempotency_key = _check_idempotency_key(idempotency_key)
         self._check_reentrant(k)
+        if self._max_queue is not None and self._turns.waiting(k) >= self._max_queue:
+            raise QueueFull(
+                f"{self._max_queue} writes already wait for key {k!r} (max_queue="
+                f"{self._max_queue}); nothing was queued. Slow down and retry later, or raise "
+                "max_queue; a database that is down makes writes fail fast, so a full queue "
+                "usually means writes arrive faster than the database commits them"
+            )
         journaled = self._journal or idempotency_key is not None
         return WriteHandle(self, k, writer, fn, args, kwargs, timeout, idempotency_key, journaled)
 

@@ -202,6 +202,11 @@ class TurnLock:
         turns = self._keys.get(key)
         return turns is not None and turns.queue.withdraw(waiter)
 
+    def waiting(self, key: Hashable) -> int:
+        """How many live waiters ``key`` has (O(1))."""
+        turns = self._keys.get(key)
+        return 0 if turns is None else len(turns.queue)
+
     def statistics(self) -> TurnLockStatistics:
         """Counts over all keys: keys whose turn is held, and live waiters."""
         return TurnLockStatistics(

@@ -161,3 +161,27 @@ async def test_no_password_in_repr_or_logs(pg_url: str, caplog: pytest.LogCaptur
         await ser.run(record, "k", "w", 1, key="k")
         assert SECRET not in repr(ser.submit(noop))
     assert SECRET not in caplog.text
+
+
+async def test_a_full_queue_refuses_at_once_and_loses_nothing(sqlite_url: str) -> None:
+    from writeturn import QueueFull
+
+    async with serializer(sqlite_url, max_queue=3) as ser:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(session: Any) -> None:
+            started.set()
+            await release.wait()
+
+        holder = ser.submit(hold, key="k")
+        await started.wait()
+        queued = [ser.submit(noop, key="k") for _ in range(3)]
+        with pytest.raises(QueueFull, match="3 writes already wait for key 'k'"):
+            ser.submit(noop, key="k")
+        ser.submit(noop, key="other")  # other keys have queues of their own
+        assert ser.stats().queued == 3
+        release.set()
+        await asyncio.gather(holder, *queued)
+        assert all(h.outcome.value == "committed" for h in queued)
+    with pytest.raises(ConfigurationError, match="max_queue=0"):
+        WriteSerializer.from_url(sqlite_url, max_queue=0)
