@@ -4,14 +4,19 @@ Where a cancellation can land, and what happens (each await below is one):
 
 * waiting for SQLite's database-wide gate: the wait is withdrawn (or the gate
   passed on); nothing began, so the write is WITHDRAWN;
-* checking a connection out of the pool: the checkout is abandoned; WITHDRAWN;
-* BEGIN and, in advisory mode, the lock statement; the write function's own
+* checking a connection out of the pool (or taking a parked one): the
+  checkout is abandoned; WITHDRAWN;
+* BEGIN and, in advisory mode, the lock statement; the journal row; the write function's own
   statements through :class:`WriteSession`; the flush before COMMIT: the
   statement finishes (or is interrupted by the driver after ``cancel_grace``),
   then the transaction is rolled back; ROLLED_BACK;
 * the write function's other awaits: ``CancelledError`` unwinds it; ROLLED_BACK;
 * COMMIT, ROLLBACK and returning the connection: not interruptible; the
-  cancellation is noted and raised once they are done.
+  cancellation is noted and raised once they are done (from ENDING on, the
+  handle no longer cancels writeturn's own worker task, so there these calls
+  run inline);
+* the back-off before a retry (in the serializer's worker): the write ends
+  ROLLED_BACK and hands the turn on.
 
 Only then is the turn handed on (guarantee 4), and the cancellation re-raised
 as exactly one ``CancelledError`` (or, for writeturn's own timeout or close,
@@ -21,7 +26,8 @@ as TurnTimeout / SerializerClosed).
 # - the key's turn (and on SQLite the gate) is held from before __aenter__
 #   until _end() releases it, exactly once, after COMMIT/ROLLBACK returned or
 #   the connection was invalidated;
-# - every database call goes through call()/run_apart, in a task of its own;
+# - every database call goes through call(): in a task of its own, or inline
+#   only where no cancellation can reach the task (owns_task, state >= ENDING);
 # - _began is set before BEGIN is sent, so a cut-off BEGIN is rolled back too.
 """
 
