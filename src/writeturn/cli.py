@@ -16,7 +16,8 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand registered."""
-    from . import demo
+    from . import bench, demo
+    from .doctor import register_cli as register_doctor
     from .migrations import register_cli as register_migrate
 
     parser = argparse.ArgumentParser(
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     demo.register_cli(sub)
     register_migrate(sub)
+    register_doctor(sub)
+    bench.register_cli(sub)
     return parser
 
 
