@@ -176,8 +176,8 @@ class Transaction:
         if interruptible and (self._cancel_seen or self._h._reason is not None):
             coro.close()
             raise asyncio.CancelledError
-        if not interruptible and self._owns_task and self._h._state >= State.ENDING:
-            return await coro  # no cancellation can reach this task any more
+        if self._owns_task:
+            return await self._call_inline(coro, interruptible)
         task, cancelled = await run_apart(coro, self._schedule_interrupt if interruptible else None)
         await self._finish_interrupt()
         if cancelled:
@@ -188,6 +188,30 @@ class Transaction:
                 err.__context__ = task.exception()
             raise err
         return task.result()
+
+    async def _call_inline(self, coro: Coroutine[Any, Any, T], interruptible: bool) -> T:
+        """A call on writeturn's own worker, which the handle never cancels
+        while ``_in_call`` is set: no task of its own is needed."""
+        h = self._h
+        h._in_call = self
+        try:
+            result = await coro
+        except BaseException as exc:
+            h._in_call = None
+            await self._finish_interrupt()
+            if interruptible and h._reason is not None:
+                raise asyncio.CancelledError from exc
+            raise
+        h._in_call = None
+        await self._finish_interrupt()
+        if interruptible and h._reason is not None:
+            raise asyncio.CancelledError
+        return result
+
+    def request_interrupt(self) -> None:
+        """The write was cancelled while its worker runs a call inline."""
+        if self._interrupt_timer is None and self._interrupt_task is None:
+            self._schedule_interrupt()
 
     def _schedule_interrupt(self) -> None:
         grace = self._ser._cancel_grace

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 from typing import Any, Literal
 
 from sqlalchemy import event, text
@@ -102,33 +103,47 @@ class SQLiteDialect(Dialect):
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
     ) -> int | None:
+        # SQLAlchemy's own bookkeeping (pysqlite sends nothing for it), then
+        # BEGIN IMMEDIATE straight to the driver: one round trip to SQLite's
+        # thread, where a statement through SQLAlchemy costs three.
+        await conn.begin()
+        driver = _driver(conn)
+        try:
+            await self._begin_immediate(conn, driver, deadline)
+        except sqlite3.Error as exc:
+            # Raised by the driver itself: wrap it as SQLAlchemy would have.
+            raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+        return None
+
+    async def _begin_immediate(
+        self, conn: AsyncConnection, driver: Any, deadline: float | None
+    ) -> None:
         if deadline is not None:
             # sqlite3_interrupt does not stop a busy wait, so a write with a
             # timeout waits for another process's lock at most until then
             # (a little past it, so that writeturn's timeout ends the wait).
-            configured = await self._busy_timeout_ms(conn)
+            configured = await self._busy_timeout_ms(conn, driver)
             cap = int(max(0.0, deadline - asyncio.get_running_loop().time()) * 1000) + 50
             if cap < configured:
-                await conn.exec_driver_sql(f"PRAGMA busy_timeout={cap}")
+                await driver.execute(f"PRAGMA busy_timeout={cap}")
                 try:
-                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    await driver.execute("BEGIN IMMEDIATE")
                 finally:
-                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={configured}")
-                return None
-        await conn.exec_driver_sql("BEGIN IMMEDIATE")
-        return None
+                    await driver.execute(f"PRAGMA busy_timeout={configured}")
+                return
+        await driver.execute("BEGIN IMMEDIATE")
 
     @staticmethod
-    async def _busy_timeout_ms(conn: AsyncConnection) -> int:
+    async def _busy_timeout_ms(conn: AsyncConnection, driver: Any) -> int:
         """The connection's own busy timeout, read once per connection."""
         info = conn.info
         if "writeturn_busy_ms" not in info:
-            ms = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
-            info["writeturn_busy_ms"] = int(ms or 0)
+            row = await (await driver.execute("PRAGMA busy_timeout")).fetchone()
+            info["writeturn_busy_ms"] = int(row[0] if row else 0)
         return int(info["writeturn_busy_ms"])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
-        driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+        driver = _driver(conn)
         if driver is not None:
             await driver.interrupt()
 
@@ -160,7 +175,7 @@ class PostgresDialect(Dialect):
         return int(row[1])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
-        driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+        driver = _driver(conn)
         if driver is None:
             return
         pid = driver.get_server_pid()
@@ -203,6 +218,11 @@ class PostgresDialect(Dialect):
                 return Outcome.UNKNOWN
             await asyncio.sleep(0.1)
         return Outcome.UNKNOWN
+
+
+def _driver(conn: AsyncConnection) -> Any:
+    """The driver's own connection object under ``conn`` (aiosqlite's or asyncpg's)."""
+    return conn.sync_connection.connection.driver_connection if conn.sync_connection else None
 
 
 def dialect_for(engine: AsyncEngine, coordination: Coordination, namespace: str) -> Dialect:

@@ -14,6 +14,7 @@ from .outcome import Outcome
 from .turnlock import Waiter
 
 if TYPE_CHECKING:
+    from ._transaction import Transaction
     from .serializer import WriteSerializer
 
 __all__ = ["WriteHandle"]
@@ -92,6 +93,7 @@ class WriteHandle(Waiter, Generic[T]):
         "_reason",
         "_cancels_sent",
         "_since",
+        "_in_call",
         "__weakref__",
     )
 
@@ -137,6 +139,8 @@ class WriteHandle(Waiter, Generic[T]):
         self._cancels_sent = 0  # task.cancel() calls writeturn made for this write
         # When it was queued; from the grant on, when it got its turn.
         self._since = time.monotonic()
+        # Set while writeturn's own worker runs a database call inline.
+        self._in_call: Transaction | None = None
 
     # -- public -----------------------------------------------------------
 
@@ -232,7 +236,11 @@ class WriteHandle(Waiter, Generic[T]):
             else:
                 self._grant.set_exception(exc)
             return True
-        if self._task is not None:
+        if self._in_call is not None:
+            # Never cancel into a driver call: the statement finishes (or the
+            # driver stops it after cancel_grace), then the write unwinds.
+            self._in_call.request_interrupt()
+        elif self._task is not None:
             self._cancels_sent += 1
             self._task.cancel()
         return True
