@@ -88,6 +88,7 @@ class Transaction:
         "_xid",
         "_interrupt_timer",
         "_interrupt_task",
+        "_terminate_timer",
     )
 
     def __init__(
@@ -116,6 +117,7 @@ class Transaction:
         self._xid: int | None = None
         self._interrupt_timer: asyncio.TimerHandle | None = None
         self._interrupt_task: asyncio.Task[None] | None = None
+        self._terminate_timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> WriteSession:
         ser, h = self._ser, self._h
@@ -225,6 +227,32 @@ class Transaction:
         self._interrupt_task = asyncio.ensure_future(
             self._ser._dialect.interrupt(self._conn, self._ser._engine)
         )
+        self._arm_terminate()
+
+    def _arm_terminate(self) -> None:
+        """If the connection does not answer within cleanup_timeout, terminate it."""
+        if self._terminate_timer is None:
+            loop = asyncio.get_running_loop()
+            self._terminate_timer = loop.call_later(self._ser._cleanup_timeout, self._terminate)
+
+    def _disarm_terminate(self) -> None:
+        if self._terminate_timer is not None:
+            self._terminate_timer.cancel()
+            self._terminate_timer = None
+
+    def _terminate(self) -> None:
+        # The statement or ROLLBACK hangs (a frozen server, a dead network):
+        # close the socket; the call in flight then fails, the database rolls
+        # back when it notices, and the turn passes on.
+        self._terminate_timer = None
+        if self._conn is not None:
+            log.warning(
+                "writeturn: the connection of the write on key %r did not answer within "
+                "cleanup_timeout=%ss; terminating it",
+                self._h.key,
+                self._ser._cleanup_timeout,
+            )
+            self._ser._dialect.terminate(self._conn)
 
     async def _finish_interrupt(self) -> None:
         # An interrupt still on its way could stop the *next* statement on
@@ -232,6 +260,7 @@ class Transaction:
         if self._interrupt_timer is not None:
             self._interrupt_timer.cancel()
             self._interrupt_timer = None
+        self._disarm_terminate()
         task, self._interrupt_task = self._interrupt_task, None
         if task is not None:
             if await settle(task):
@@ -455,6 +484,7 @@ class Transaction:
         conn = self._conn_()
         if conn.invalidated:
             return
+        self._arm_terminate()  # a ROLLBACK is bounded by cleanup_timeout too
         try:
             await self.call(conn.rollback(), interruptible=False)
         except Exception as exc:
@@ -463,6 +493,8 @@ class Transaction:
                 await self.call(conn.invalidate(), interruptible=False)
             except Exception:
                 pass
+        finally:
+            self._disarm_terminate()
 
     async def _close(self) -> None:
         conn = self._conn_()

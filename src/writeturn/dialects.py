@@ -73,6 +73,10 @@ class Dialect:
         """Whether a failed COMMIT was refused by the driver before it reached the server."""
         return False
 
+    def terminate(self, conn: AsyncConnection) -> None:
+        """Close ``conn``'s socket at once, so that a call hanging on it fails."""
+        return None
+
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         """Ask the driver to stop the statement running on ``conn`` with an ordinary error."""
         raise NotImplementedError
@@ -188,6 +192,11 @@ class PostgresDialect(Dialect):
 
     def _transient(self, exc: DBAPIError) -> bool:
         return getattr(exc.orig, "sqlstate", None) in self._TRANSIENT_STATES
+
+    def terminate(self, conn: AsyncConnection) -> None:
+        driver = _driver(conn)
+        if driver is not None:
+            driver.terminate()
 
     #: asyncpg refuses these before it writes anything to the socket.
     _NOT_SENT = ("connection is closed", "another operation is in progress")

@@ -104,6 +104,7 @@ class WriteSerializer:
         retries: int = 0,
         retry_backoff: float = 0.05,
         max_queue: int | None = None,
+        cleanup_timeout: float = 5.0,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -138,6 +139,7 @@ class WriteSerializer:
                 "(no limit)"
             )
         self._max_queue = max_queue
+        self._cleanup_timeout = _check_seconds("cleanup_timeout", cleanup_timeout, allow_zero=False)
         self._retry_backoff = _check_seconds("retry_backoff", retry_backoff, allow_zero=True)
         self._engine = engine
         self._coordination: Coordination = coordination
@@ -175,6 +177,7 @@ class WriteSerializer:
         retries: int = 0,
         retry_backoff: float = 0.05,
         max_queue: int | None = None,
+        cleanup_timeout: float = 5.0,
         **engine_options: Any,
     ) -> WriteSerializer:
         """Create a serializer with an engine of its own, disposed by :meth:`close`.
@@ -211,6 +214,7 @@ class WriteSerializer:
                 retries=retries,
                 retry_backoff=retry_backoff,
                 max_queue=max_queue,
+                cleanup_timeout=cleanup_timeout,
             )
         except BaseException:
             engine.sync_engine.dispose()

@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -872,3 +872,44 @@ async def test_close_with_a_timeout_settles_every_write(db_url: str) -> None:
         assert {r[3] for r in await ledger(check.engine)} == committed
         assert await counter(check.engine) == len(committed)
         assert await pg_leftovers(check.engine) == (0, 0)
+
+
+@pytest.mark.postgres
+async def test_a_frozen_server_is_cut_off_after_cleanup_timeout(pg_url: str) -> None:
+    """The backend is frozen (SIGSTOP) mid-statement: neither the statement nor a ROLLBACK
+    can finish, so after the timeout, cancel_grace and cleanup_timeout the connection is
+    terminated, the write ends ROLLED_BACK, and the turn passes on."""
+    async with serializer(pg_url, cancel_grace=0.05, cleanup_timeout=0.5) as ser:
+        await create_tables(ser.engine)
+        pid_box: list[int] = []
+        inside, frozen = asyncio.Event(), asyncio.Event()
+
+        async def write(session: AsyncSession) -> None:
+            pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            pid_box.append(pid)
+            inside.set()
+            await increment(session)
+            await frozen.wait()
+            await session.execute(text("SELECT 1"))  # never answered
+
+        handle = ser.submit(write, key="k", timeout=0.5)
+        nxt = ser.submit(increment, key="k", timeout=10)
+        await asyncio.wait_for(inside.wait(), 10)
+        os.kill(pid_box[0], signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            frozen.set()
+            async with asyncio.timeout(10):
+                exc = await quietly(handle)
+            took = time.monotonic() - began
+            assert isinstance(exc, TurnTimeout), repr(exc)
+            assert handle.outcome is Outcome.ROLLED_BACK
+            assert 0.5 <= took < 0.5 + 0.05 + 0.5 + 1.0, took
+            assert ser.stats().connections_invalidated == 1
+        finally:
+            # Thawed, the backend finds its socket closed and rolls back, which
+            # releases the row lock the next write waits for.
+            os.kill(pid_box[0], signal.SIGCONT)
+        async with asyncio.timeout(10):
+            assert await nxt == 1  # the frozen write's increment never landed
+        assert await counter(ser.engine) == 1
