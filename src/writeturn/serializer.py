@@ -242,9 +242,14 @@ class WriteSerializer:
             raise
         except Exception as exc:
             url = self._engine.url
+            hint = (
+                "check that the file's directory exists and is writable, and that the file, "
+                "if it exists, is a SQLite database"
+                if self._gate is not None
+                else "check that the server runs and the URL is right"
+            )
             raise DatabaseUnreachable(
-                f"cannot reach {redact(url)}: {describe_error(exc, url)}; "
-                "check that the server runs and the URL is right"
+                f"cannot reach {redact(url)}: {describe_error(exc, url)}; {hint}"
             ) from None
         self._state = "started"
 

@@ -185,3 +185,26 @@ async def test_a_full_queue_refuses_at_once_and_loses_nothing(sqlite_url: str) -
         assert all(h.outcome.value == "committed" for h in queued)
     with pytest.raises(ConfigurationError, match="max_queue=0"):
         WriteSerializer.from_url(sqlite_url, max_queue=0)
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        ("text file", "file is not a database"),
+        ("missing directory", "unable to open database file"),
+    ],
+)
+async def test_a_misconfigured_sqlite_file_is_named(
+    tmp_path: Any, setup: str, fragment: str
+) -> None:
+    if setup == "text file":
+        path = tmp_path / "notes.db"
+        path.write_text("not a database")
+    else:
+        path = tmp_path / "no" / "such" / "dir" / "app.db"
+    ser = WriteSerializer.from_url(f"sqlite:///{path}")
+    with pytest.raises(DatabaseUnreachable) as info:
+        await ser.start()
+    assert fragment in str(info.value) and str(path) in str(info.value)
+    assert "directory exists and is writable" in str(info.value)
+    await ser.close()
