@@ -551,7 +551,9 @@ class WriteSerializer:
         assert task is not None
         _HELD.set((*_HELD.get(), (self, leader.key, task)))
         batch = [leader, *self._claim(leader.key, self._batch_max - 1)]
-        if len(batch) < self._batch_max and self._batch_window > 0:
+        # Wait for more only where others are already in line (like Postgres's
+        # commit_siblings): a lone writer would pay the window on every write.
+        if 1 < len(batch) < self._batch_max and self._batch_window > 0:
             await asyncio.sleep(self._batch_window)  # let more writes of the key arrive
             batch += self._claim(leader.key, self._batch_max - len(batch))
         await BatchRun(self, batch).run()
