@@ -1,14 +1,18 @@
-"""Waiting through cancellation: the one mechanism every database call goes through.
+"""Waiting through cancellation: how a database call is kept whole.
 
 A cancellation that lands inside a driver call makes SQLAlchemy treat the
 connection as broken (it is invalidated and terminated, not rolled back), and
 on aiosqlite the statement runs on regardless. So writeturn never lets a
-cancellation land there: each database call runs in a task of its own, and the
-task that asked for it waits with :func:`settle`, which notes a cancellation
-instead of passing it into the call. The caller decides, at a point of its
-choosing, to raise exactly one ``CancelledError``.
+cancellation land there. In a task writeturn does not own (the caller's, in
+``transaction()``), each database call runs in a task of its own
+(:func:`run_apart`) that refuses cancellation through its awaiter, so the
+awaiting task sees ``CancelledError`` only once the call is done;
+:func:`settle` does the same for any future. (writeturn's own worker tasks
+need neither: a handle never cancels its worker while a call is in flight.)
+The caller then decides, at a point of its choosing, to raise exactly one
+``CancelledError``.
 
-Accounting: :func:`settle` does not call ``Task.uncancel()``. Every canceller
+Accounting: neither function calls ``Task.uncancel()``. Every canceller
 incremented the task's cancel count once, and the one ``CancelledError`` the
 caller later re-raises is what each of them (``asyncio.timeout``, TaskGroup)
 expects to see; only a cancellation that is swallowed for good is uncancelled.
