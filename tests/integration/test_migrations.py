@@ -532,7 +532,6 @@ def test_cli_upgrade_and_current_from_the_environment(
 
 @pytest.mark.slow
 def test_wheel_ships_and_runs_the_migration_scripts(tmp_path: Path) -> None:
-    pytest.importorskip("hatchling")
     dist = tmp_path / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(dist)],
