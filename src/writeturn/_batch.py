@@ -22,15 +22,12 @@ never half of them.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import journal
 from ._session import WriteSession
-from ._transaction import GATE_KEY, Transaction, writer_text
-from .errors import ConfigurationError
+from ._transaction import GATE_KEY, Transaction
 from .handle import State, WriteHandle
 from .outcome import Outcome
 
@@ -122,28 +119,10 @@ class BatchRun:
         h._state = State.RUNNING
         h._task = asyncio.current_task()
         try:
-            if h._journaled:
-                entry = await txn.call(
-                    journal.record(
-                        txn._conn_(),
-                        self._ser._namespace,
-                        h.key,
-                        h.idempotency_key,
-                        writer_text(h.writer),
-                    )
-                )
-                h.seq, h.duplicate = entry.seq, entry.duplicate
-                if h.duplicate:
-                    return None
-            assert h._fn is not None
-            pending = h._fn(session, *h._args, **(h._kwargs or {}))
-            if not inspect.isawaitable(pending):
-                raise ConfigurationError(
-                    f"the write function {getattr(h._fn, '__qualname__', h._fn)!r} returned "
-                    f"{type(pending).__name__}, not an awaitable; it must be an `async def` "
-                    "taking the session first"
-                )
-            result = await pending
+            await txn.record_journal(h)
+            if h.duplicate:  # applied once already: not again
+                return None
+            result = await h.start_function(session)
             # Flush now, so a failing statement is this write's failure.
             if session.new or session.dirty or session.deleted:
                 await txn.call(AsyncSession.flush(session))

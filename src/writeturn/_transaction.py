@@ -132,17 +132,7 @@ class Transaction:
             await self._connect()
             self._began = True
             self._xid = await self._begin()
-            if h._journaled:
-                entry = await self.call(
-                    journal.record(
-                        self._conn_(),
-                        ser._namespace,
-                        h.key,
-                        h.idempotency_key,
-                        writer_text(h.writer),
-                    )
-                )
-                h.seq, h.duplicate = entry.seq, entry.duplicate
+            await self.record_journal(h)
             self._session = WriteSession(
                 self,
                 bind=self._conn,
@@ -267,6 +257,20 @@ class Transaction:
                 self._cancel_seen = True
             if not task.cancelled() and task.exception() is not None:
                 log.warning("writeturn: interrupting a statement failed: %r", task.exception())
+
+    async def record_journal(self, h: WriteHandle[Any]) -> None:
+        """Insert ``h``'s journal row in this transaction, if it is journaled."""
+        if h._journaled:
+            entry = await self.call(
+                journal.record(
+                    self._conn_(),
+                    self._ser._namespace,
+                    h.key,
+                    h.idempotency_key,
+                    writer_text(h.writer),
+                )
+            )
+            h.seq, h.duplicate = entry.seq, entry.duplicate
 
     async def _begin(self) -> int | None:
         """BEGIN (and the lock); a connection found dead here is replaced once.

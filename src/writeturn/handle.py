@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import inspect
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .errors import SerializerClosed, TurnTimeout
+from .errors import ConfigurationError, SerializerClosed, TurnTimeout
 from .outcome import Outcome
 from .turnlock import Waiter
 
@@ -244,6 +245,19 @@ class WriteHandle(Waiter, Generic[T]):
             self._cancels_sent += 1
             self._task.cancel()
         return True
+
+    def start_function(self, session: Any) -> Awaitable[T]:
+        """Call the write function on ``session``; what it returns must be awaited."""
+        fn = self._fn
+        assert fn is not None, "a transaction() write has no function"
+        pending = fn(session, *self._args, **(self._kwargs or {}))
+        if not inspect.isawaitable(pending):
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            raise ConfigurationError(
+                f"the write function {name} returned {type(pending).__name__}, not an "
+                "awaitable; it must be an `async def` taking the session first"
+            )
+        return pending
 
     def _expire(self) -> None:
         self._timer = None

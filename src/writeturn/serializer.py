@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import logging
 import math
 import time
@@ -594,18 +593,10 @@ class WriteSerializer:
 
     async def _attempt(self, h: WriteHandle[Any], gate_held: bool) -> Any:
         """Run ``h``'s function in one transaction; raise RetryWrite if it will run again."""
-        fn, args, kwargs = h._fn, h._args, h._kwargs or {}
-        assert fn is not None
         async with Transaction(self, h, 0, gate_held=gate_held, owns_task=True) as session:
             if h.duplicate:  # a duplicate was applied once already: not again
                 return None
-            pending = fn(session, *args, **kwargs)
-            if not inspect.isawaitable(pending):
-                raise ConfigurationError(
-                    f"the write function {_name(fn)} returned {type(pending).__name__}, "
-                    "not an awaitable; it must be an `async def` taking the session first"
-                )
-            return await pending
+            return await h.start_function(session)
 
     def _give_up_retry(self, h: WriteHandle[Any], gate_held: bool, cause: BaseException) -> None:
         """The write was cancelled while waiting to retry: it ends ROLLED_BACK."""
@@ -740,7 +731,3 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
             f"{name}={value!r} must be a finite number of seconds, {bound} (e.g. {name}=2.0)"
         )
     return float(value)  # type: ignore[arg-type]
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
