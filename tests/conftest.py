@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,23 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("pg_url"))
+
+
+def _sqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+@pytest.fixture(autouse=True)
+def _sqlite_threads_end_with_the_test() -> Iterator[None]:
+    """Every aiosqlite connection a test opens is closed, and its thread ended, by its end.
+
+    A thread still running when its event loop closes dies with "Event loop is
+    closed" later, in whichever test is running then.
+    """
+    before = _sqlite_threads()
+    yield
+    left = _sqlite_threads() - before
+    for thread in left:
+        thread.join(timeout=5)
+    alive = sorted(t.name for t in left if t.is_alive())
+    assert not alive, f"aiosqlite connections left open (their threads still run): {alive}"

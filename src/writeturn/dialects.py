@@ -17,6 +17,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._sqlite_connect import join_failed_connects
 from .errors import ConfigurationError, UnsupportedDatabase
 from .outcome import Outcome
 
@@ -263,6 +264,7 @@ def configure_sqlite_engine(engine: AsyncEngine, *, synchronous: str, busy_timeo
             f"use one of {', '.join(SQLITE_SYNCHRONOUS)} (NORMAL is the default, FULL is durable)"
         )
     timeout_ms = int(busy_timeout * 1000)
+    join_failed_connects(engine)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

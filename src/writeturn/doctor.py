@@ -52,6 +52,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from ._sqlite_connect import join_failed_connects
 from .dialects import lock_id
 from .errors import ConfigurationError, WriteturnError
 from .journal import TABLE as JOURNAL_TABLE
@@ -730,7 +731,10 @@ def _engine(url: URL, backend: Backend) -> AsyncEngine:
                 "statement_timeout": str(STATEMENT_TIMEOUT_MS),
             },
         }
-    return create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
+    engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
+    if backend == "sqlite":
+        join_failed_connects(engine)
+    return engine
 
 
 async def _run_check(

@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from ._sqlite_connect import join_failed_connects
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
 from .urls import Backend, backend_of, normalize_url, redact
@@ -556,7 +557,10 @@ def _engine_kwargs(url: URL) -> dict[str, Any]:
 def _create_engine(url: str | URL) -> AsyncEngine:
     """Create the NullPool engine env.py and the programmatic API use for one run."""
     normalized = normalize_url(url)
-    return create_async_engine(normalized, **_engine_kwargs(normalized))
+    engine = create_async_engine(normalized, **_engine_kwargs(normalized))
+    if backend_of(normalized) == "sqlite":
+        join_failed_connects(engine)
+    return engine
 
 
 def _first_line(exc: BaseException) -> str:

@@ -208,3 +208,28 @@ async def test_a_misconfigured_sqlite_file_is_named(
     assert fragment in str(info.value) and str(path) in str(info.value)
     assert "directory exists and is writable" in str(info.value)
     await ser.close()
+
+
+def _sqlite_threads() -> set[Any]:
+    import threading
+
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+async def test_a_failed_sqlite_connect_leaves_no_thread_running(tmp_path: Any) -> None:
+    # aiosqlite raises before the failed connection's thread has stopped; that
+    # thread then reports to an event loop that may be closed by then, and dies
+    # with "Event loop is closed". writeturn waits for it before raising.
+    from writeturn.migrations import upgrade_async
+
+    before = _sqlite_threads()
+    for attempt in range(20):
+        url = f"sqlite:///{tmp_path / f'missing{attempt}' / 'app.db'}"
+        ser = WriteSerializer.from_url(url)
+        with pytest.raises(DatabaseUnreachable):
+            await ser.start()
+        await ser.close()
+        with pytest.raises(WriteturnError):
+            await upgrade_async(url)
+        alive = [t.name for t in _sqlite_threads() - before if t.is_alive()]
+        assert not alive, f"attempt {attempt}: a failed connect left {alive} running"
