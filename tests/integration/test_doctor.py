@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +34,7 @@ from writeturn.doctor import Check, diagnose
 from writeturn.errors import ConfigurationError
 from writeturn.migrations import URL_ENV, lock_async, lock_key
 from writeturn.schema import VERSION_TABLE
-from writeturn.urls import SUPPORTED_FORMS
+from writeturn.urls import SUPPORTED_FORMS, redact
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -290,7 +291,10 @@ async def test_unmigrated_postgres_is_a_warning(
     assert code == 0, out
     assert "WARN  migration: no writeturn revision" in out
     assert "WARN  journal table: writeturn_journal does not exist" in out
-    assert f"fix: writeturn migrate upgrade --url {pg_url}" in out
+    # The fix is a command to paste, with the password (if the URL has one) masked.
+    assert f"fix: writeturn migrate upgrade --url {shlex.quote(redact(pg_url))}" in out
+    password = make_url(pg_url).password
+    assert not password or f":{password}@" not in out
 
 
 async def test_unreachable_postgres(capsys: pytest.CaptureFixture[str]) -> None:
