@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from alembic import command
 from alembic.config import Config
@@ -661,8 +662,12 @@ def _sqlite_file_missing(url_or_engine: UrlOrEngine) -> bool:
     database = url.database
     if backend_of(normalize_url(url)) != "sqlite" or not database:
         return False
-    if database.startswith("file:") or url.query.get("uri"):
-        return False  # URI filenames: leave them to SQLite
+    if database.startswith("file:"):
+        # A URI filename: with mode=ro/rw/memory SQLite itself creates nothing.
+        parsed = urlsplit(database)
+        if "mode" in url.query or "mode=" in parsed.query:
+            return False
+        database = unquote(parsed.path)
     return not Path(database).exists()
 
 

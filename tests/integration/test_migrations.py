@@ -527,6 +527,16 @@ def test_cli_upgrade_and_current_from_the_environment(
     assert db_state(mig_sqlite_url)[1] == []
 
 
+@pytest.mark.parametrize("form", ["file:{path}", "file://{path}"])
+def test_current_on_a_uri_filename_creates_no_database(tmp_path: Path, form: str) -> None:
+    path = tmp_path / "app.db"
+    url = f"sqlite:///{form.format(path=path)}?uri=true"
+    assert migrations.current(url) is None
+    assert not path.exists()  # SQLite would create it on connect
+    migrations.upgrade(url)
+    assert migrations.current(url) == HEAD
+
+
 # --------------------------------------------------------------------------- packaging
 
 
