@@ -152,7 +152,8 @@ class WriteSerializer:
         self._gate = TurnLock() if self._dialect.single_writer else None
         self._counters = Counters()
         self._live: set[WriteHandle[Any]] = set()
-        self._batches: set[asyncio.Task[None]] = set()
+        # Batch runs and closes of discarded spares: close() waits for them.
+        self._background: set[asyncio.Task[None]] = set()
         # Connections parked between writes, newest last, with when they were parked.
         self._spares: list[tuple[AsyncConnection, float]] = []
         self._idle = asyncio.Event()
@@ -276,6 +277,11 @@ class WriteSerializer:
                 except TimeoutError:
                     self._stop_all()
             await self._idle.wait()
+            # A batch settles its writes before it hands its connection back,
+            # and a discarded spare closes in a task of its own: both must end
+            # before the engine is disposed, or their connections stay open.
+            while self._background:
+                await asyncio.wait(set(self._background))
         finally:
             await self._close_spares()
             if self._owns_engine:
@@ -326,8 +332,8 @@ class WriteSerializer:
 
     def _discard_spare(self, conn: AsyncConnection) -> None:
         task = asyncio.ensure_future(conn.close())
-        self._batches.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._batches.discard)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
 
     async def _close_spares(self) -> None:
         spares, self._spares = self._spares, []
@@ -538,8 +544,8 @@ class WriteSerializer:
             # A batch sets each write's task only while its own function runs;
             # the loop keeps only weak references to tasks, so keep this one.
             batch = loop.create_task(self._work_batch(h), context=h._context)
-            self._batches.add(batch)
-            batch.add_done_callback(self._batches.discard)
+            self._background.add(batch)
+            batch.add_done_callback(self._background.discard)
             return
         task = loop.create_task(self._work(h), context=h._context)
         h._task = task

@@ -161,3 +161,47 @@ async def test_cancellation_storm_with_group_commit(db_url: str) -> None:
     async with serializer(db_url, coordination="advisory", batch_max=16) as ser:
         await create_tables(ser.engine)
         await check_storm(ser, await run_storm(ser))
+
+
+async def test_close_returns_only_after_the_batch_returned_its_connection(db_url: str) -> None:
+    # The writes of a batch are settled before the batch hands its connection
+    # back; close() must wait for that too, or the engine is disposed with the
+    # connection still out, and it stays open (on SQLite its thread outlives
+    # the event loop).
+    import threading
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from writeturn import WriteSerializer
+
+    url = make_url(db_url)
+    for attempt in range(5):
+        ser = WriteSerializer.from_url(db_url, batch_max=8)
+        await ser.start()
+        if attempt == 0:
+            await create_tables(ser.engine)
+        before = {t for t in threading.enumerate() if "_connection_worker" in t.name}
+
+        async def write(session: AsyncSession, i: int) -> None:
+            await record(session, "k", "w", i)
+            await asyncio.sleep(0.01)
+
+        handles = [ser.submit(write, i, key="k", writer=f"w{i}") for i in range(8)]
+        await asyncio.sleep(0.02)  # the batch is running
+        await ser.close()  # drains: the batch commits, then hands its connection back
+        assert all(h.outcome is Outcome.COMMITTED for h in handles)
+        if url.get_backend_name() == "sqlite":
+            threads = {t for t in threading.enumerate() if "_connection_worker" in t.name}
+            assert not [t.name for t in threads - before if t.is_alive()], attempt
+        else:
+            conn = await asyncpg.connect(
+                host=url.host, port=url.port, user=url.username, password=url.password
+            )
+            try:
+                open_ = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", url.database
+                )
+            finally:
+                await conn.close()
+            assert open_ == 0, f"attempt {attempt}: {open_} connection(s) left open"
