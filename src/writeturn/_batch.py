@@ -8,8 +8,12 @@ whole transaction is rolled back, that write alone is settled ROLLED_BACK, and
 the batch runs again without it: a write function may therefore run more than
 once, and must have no effects outside the transaction that a re-run would
 repeat. A write cancelled before its function ran is simply left out
-(WITHDRAWN). The COMMIT is shared: every write of the batch gets its outcome,
-never half of them.
+(WITHDRAWN). Once its function has returned, a write waits for the shared
+COMMIT (state RAN) and a cancellation is only noted, as for a single write
+whose COMMIT is under way: it commits, and a caller's cancellation is raised
+afterwards. The noted cancellation stops it only if the batch is rolled back
+for another write's sake before the COMMIT. The COMMIT is shared: every write
+of the batch gets its outcome, never half of them.
 
 # Invariants:
 # - the key's turn (and SQLite's gate) is held until the last attempt ended
@@ -28,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._session import WriteSession
 from ._transaction import GATE_KEY, Transaction
-from .handle import State, WriteHandle
+from .handle import Reason, State, WriteHandle
 from .outcome import Outcome
 
 if TYPE_CHECKING:
@@ -100,16 +104,11 @@ class BatchRun:
                 ran.append((h, await self._run_one(session, h)))
             except BaseException as exc:
                 await self._undo(session)
+                for earlier, _ in ran:  # rolled back with h: they run again
+                    earlier._state = State.RUNNING
                 self._pending.remove(h)
                 self._settle(h, Outcome.ROLLED_BACK, exc)
                 return
-        late = [h for h, _ in ran if h._reason is not None]
-        if late:  # cancelled after running, before COMMIT: undo and run the others again
-            await self._undo(session)
-            for h in late:
-                self._pending.remove(h)
-                self._settle(h, Outcome.ROLLED_BACK, None)
-            return
         await self._commit(ran)
 
     async def _run_one(self, session: AsyncSession, h: WriteHandle[Any]) -> Any:
@@ -126,8 +125,9 @@ class BatchRun:
             # Flush now, so a failing statement is this write's failure.
             if session.new or session.dirty or session.deleted:
                 await txn.call(AsyncSession.flush(session))
-            if txn._cancel_seen:
+            if txn._cancel_seen or h._reason is not None:
                 raise asyncio.CancelledError
+            h._state = State.RAN
             return result
         finally:
             h._task = None
@@ -150,8 +150,8 @@ class BatchRun:
             outcome, error = await txn._commit_failed(exc)
         txn._drop_session()
         for h, result in ran:
-            self._pending.remove(h)
             self._settle(h, outcome, error, result)
+        self._pending = [h for h in self._pending if not h.done()]
 
     def _settle(
         self,
@@ -171,7 +171,7 @@ class BatchRun:
             if error is not None and not isinstance(error, asyncio.CancelledError):
                 exc.__cause__ = error
             h._finish(exception=exc)
-        elif h._reason is not None:  # cancelled by its caller during the shared COMMIT
+        elif h._reason is Reason.CANCEL:  # cancelled by its caller after its function ran
             h._finish(exception=asyncio.CancelledError())
         else:
             h._finish(result=result, exception=error)

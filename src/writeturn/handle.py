@@ -24,15 +24,18 @@ T = TypeVar("T")
 
 
 class State(enum.IntEnum):
-    """Where a write is; it only moves forward."""
+    """Where a write is; it only moves forward, with one exception: a batched
+    write in RAN goes back to RUNNING when its batch is rolled back because of
+    another write, and runs again."""
 
     QUEUED = 0  # waiting for its turn
     STARTING = 1  # granted the turn; its task has not begun the transaction yet
     RUNNING = 2  # inside its transaction, before COMMIT is sent
     # From here on a cancellation cannot stop the write, only be noted:
-    ENDING = 3  # ROLLBACK sent
-    COMMITTING = 4  # COMMIT sent
-    DONE = 5
+    RAN = 3  # in a batch: its function returned; it waits for the shared COMMIT
+    ENDING = 4  # ROLLBACK sent
+    COMMITTING = 5  # COMMIT sent
+    DONE = 6
 
 
 class Reason(enum.Enum):
@@ -218,6 +221,12 @@ class WriteHandle(Waiter, Generic[T]):
             return False
         ser = self._ser
         ser._counters.cancel_requests += 1
+        if state is State.RAN:
+            # Noted: it applies only if the batch is rolled back before its
+            # COMMIT (a caller's cancellation is raised after a COMMIT too).
+            if self._reason is None:
+                self._reason = reason
+            return True
         if state >= State.ENDING:
             # Past the point of no return: COMMIT or ROLLBACK finishes. Only a
             # caller's cancellation is remembered, so that awaiting raises it.

@@ -72,20 +72,77 @@ async def test_cancelled_writes_in_a_batch_leave_the_others_committed(db_url: st
                 handles[3].cancel()  # cancelled while it runs
                 await asyncio.sleep(0)
             if i == 9:
-                handles[5].cancel()  # already ran in this transaction: undone
+                handles[5].cancel()  # ran already, waits for the COMMIT: commits anyway
                 handles[12].cancel()  # not run yet: left out
 
         async with Blocker(ser):
             handles.extend(ser.submit(write, i, key="k", writer="w") for i in range(16))
         results = await asyncio.gather(*handles, return_exceptions=True)
-        expected = {3: Outcome.ROLLED_BACK, 5: Outcome.ROLLED_BACK, 12: Outcome.WITHDRAWN}
+        expected = {3: Outcome.ROLLED_BACK, 12: Outcome.WITHDRAWN}
         for i, h in enumerate(handles):
             assert h.outcome is expected.get(i, Outcome.COMMITTED), i
-            if i in expected:
-                assert isinstance(results[i], asyncio.CancelledError)
+            # Cancelled writes raise CancelledError, the one that committed too
+            # (as a single write cancelled during its COMMIT does).
+            assert isinstance(results[i], asyncio.CancelledError) is (i in (3, 5, 12)), i
         assert [r[3] for r in await ledger(ser.engine)] == [
             i for i in range(16) if i not in expected
         ]
+
+
+async def test_a_noted_cancellation_applies_if_the_batch_is_rolled_back(db_url: str) -> None:
+    # Write 2 is cancelled after its function ran, and write 4 times out then:
+    # both are only noted. Write 6 then fails, which rolls the batch back: the
+    # noted cancellation stops write 2 (it never runs again) and the noted
+    # timeout stops write 4; the rest run again and commit.
+    async with serializer(db_url, batch_max=8) as ser:
+        await create_tables(ser.engine)
+        handles: list[WriteHandle[Any]] = []
+        runs: Counter[int] = Counter()
+
+        async def write(session: AsyncSession, i: int) -> None:
+            runs[i] += 1
+            await record(session, "k", "w", i)
+            if i == 5 and runs[i] == 1:
+                handles[2].cancel()
+                await asyncio.sleep(0.5)  # write 4's timeout (0.25 s) expires meanwhile
+            if i == 6:
+                raise ValueError("write 6 fails")
+
+        async with Blocker(ser):
+            handles.extend(
+                ser.submit(write, i, key="k", writer="w", timeout=0.25 if i == 4 else None)
+                for i in range(8)
+            )
+        results = await asyncio.gather(*handles, return_exceptions=True)
+        assert isinstance(results[2], asyncio.CancelledError)
+        assert isinstance(results[4], TurnTimeout)
+        assert isinstance(results[6], ValueError)
+        expected = {2: Outcome.ROLLED_BACK, 4: Outcome.ROLLED_BACK, 6: Outcome.ROLLED_BACK}
+        for i, h in enumerate(handles):
+            assert h.outcome is expected.get(i, Outcome.COMMITTED), i
+        assert runs == {0: 2, 1: 2, 2: 1, 3: 2, 4: 1, 5: 2, 6: 1, 7: 1}
+        assert [r[3] for r in await ledger(ser.engine)] == [0, 1, 3, 5, 7]
+
+
+async def test_a_timeout_after_its_function_ran_lets_the_write_commit(db_url: str) -> None:
+    # Like a single write whose COMMIT is under way: the timeout cannot stop it.
+    async with serializer(db_url, batch_max=4) as ser:
+        await create_tables(ser.engine)
+
+        async def write(session: AsyncSession, i: int) -> str:
+            await record(session, "k", "w", i)
+            if i == 3:
+                await asyncio.sleep(0.5)  # write 0's timeout (0.25 s) expires meanwhile
+            return f"done {i}"
+
+        async with Blocker(ser):
+            handles = [
+                ser.submit(write, i, key="k", writer="w", timeout=0.25 if i == 0 else None)
+                for i in range(4)
+            ]
+        assert await asyncio.gather(*handles) == ["done 0", "done 1", "done 2", "done 3"]
+        assert all(h.outcome is Outcome.COMMITTED for h in handles)
+        assert [r[3] for r in await ledger(ser.engine)] == [0, 1, 2, 3]
 
 
 async def test_a_failed_shared_commit_fails_every_write_of_the_batch(db_url: str) -> None:
