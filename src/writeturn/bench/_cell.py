@@ -210,8 +210,22 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def fairness_run(records: Sequence[Record]) -> int:
-    """The longest run of consecutive commits by one writer during which, at each
-    commit, some other writer had a write submitted and not yet finished."""
+    """The longest run of consecutive commits on one key by one writer during which,
+    at each commit, another writer had a write for that key submitted and not yet
+    finished: how long others waited for that turn while one writer kept it.
+
+    Per key, because a turn is per key: on the counter workload's four keys a
+    writer that commits once on each key in a row has kept nobody from a turn
+    they were waiting for. The same measure applies to the strategies with
+    one lock for everything (lock, queue, semaphore): what a writer waiting on
+    a key sees is how many writes of another writer that key took meanwhile."""
+    by_key: dict[str, list[Record]] = {}
+    for r in records:
+        by_key.setdefault(r.op.key, []).append(r)
+    return max((_longest_run(rs) for rs in by_key.values()), default=0)
+
+
+def _longest_run(records: Sequence[Record]) -> int:
     events: list[tuple[float, int, int]] = []  # (time, 0 submit / 1 done, record index)
     for i, r in enumerate(records):
         events.append((r.submitted, 0, i))
