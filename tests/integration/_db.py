@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -106,3 +107,12 @@ async def quietly(aw: Any) -> Any:
         return await aw
     except BaseException as exc:
         return exc
+
+
+def sqlite_threads_alive() -> set[str]:
+    """Names of the aiosqlite connection threads running now."""
+    return {
+        t.name
+        for t in threading.enumerate()
+        if "_connection_worker_thread" in t.name and t.is_alive()
+    }

@@ -6,13 +6,24 @@ import asyncio
 from collections import Counter
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from writeturn import Outcome, TurnTimeout, WriteHandle
+from writeturn import Outcome, TurnTimeout, WriteHandle, WriteSerializer
 
-from ._db import counter, create_tables, increment, ledger, pg_leftovers, record, serializer
+from ._db import (
+    counter,
+    create_tables,
+    increment,
+    ledger,
+    pg_leftovers,
+    record,
+    serializer,
+    sqlite_threads_alive,
+)
 from .test_guarantees import Blocker
 from .test_storm import check_storm, run_storm
 
@@ -225,20 +236,13 @@ async def test_close_returns_only_after_the_batch_returned_its_connection(db_url
     # back; close() must wait for that too, or the engine is disposed with the
     # connection still out, and it stays open (on SQLite its thread outlives
     # the event loop).
-    import threading
-
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    from writeturn import WriteSerializer
-
     url = make_url(db_url)
     for attempt in range(5):
         ser = WriteSerializer.from_url(db_url, batch_max=8)
         await ser.start()
         if attempt == 0:
             await create_tables(ser.engine)
-        before = {t for t in threading.enumerate() if "_connection_worker" in t.name}
+        before = sqlite_threads_alive()
 
         async def write(session: AsyncSession, i: int) -> None:
             await record(session, "k", "w", i)
@@ -249,8 +253,7 @@ async def test_close_returns_only_after_the_batch_returned_its_connection(db_url
         await ser.close()  # drains: the batch commits, then hands its connection back
         assert all(h.outcome is Outcome.COMMITTED for h in handles)
         if url.get_backend_name() == "sqlite":
-            threads = {t for t in threading.enumerate() if "_connection_worker" in t.name}
-            assert not [t.name for t in threads - before if t.is_alive()], attempt
+            assert not sqlite_threads_alive() - before, attempt
         else:
             conn = await asyncpg.connect(
                 host=url.host, port=url.port, user=url.username, password=url.password

@@ -22,7 +22,7 @@ from writeturn import (
     WriteturnError,
 )
 
-from ._db import create_tables, record, serializer
+from ._db import create_tables, record, serializer, sqlite_threads_alive
 
 SECRET = "pw_s3cret"
 
@@ -210,19 +210,13 @@ async def test_a_misconfigured_sqlite_file_is_named(
     await ser.close()
 
 
-def _sqlite_threads() -> set[Any]:
-    import threading
-
-    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
-
-
 async def test_a_failed_sqlite_connect_leaves_no_thread_running(tmp_path: Any) -> None:
     # aiosqlite raises before the failed connection's thread has stopped; that
     # thread then reports to an event loop that may be closed by then, and dies
     # with "Event loop is closed". writeturn waits for it before raising.
     from writeturn.migrations import upgrade_async
 
-    before = _sqlite_threads()
+    before = sqlite_threads_alive()
     for attempt in range(20):
         url = f"sqlite:///{tmp_path / f'missing{attempt}' / 'app.db'}"
         ser = WriteSerializer.from_url(url)
@@ -231,5 +225,5 @@ async def test_a_failed_sqlite_connect_leaves_no_thread_running(tmp_path: Any) -
         await ser.close()
         with pytest.raises(WriteturnError):
             await upgrade_async(url)
-        alive = [t.name for t in _sqlite_threads() - before if t.is_alive()]
+        alive = sorted(sqlite_threads_alive() - before)
         assert not alive, f"attempt {attempt}: a failed connect left {alive} running"
