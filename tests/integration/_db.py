@@ -51,6 +51,16 @@ async def increment(session: AsyncSession, key: str = "k", pause: float = 0.0) -
     return int(n) + 1
 
 
+async def increment_concurrently(ser: WriteSerializer, tasks: int = 50, each: int = 10) -> None:
+    """``tasks`` writers at once, each running ``each`` increments of key "k" in turn."""
+
+    async def task(i: int) -> None:
+        for _ in range(each):
+            await ser.run(increment, key="k", writer=f"t{i}")
+
+    await asyncio.gather(*(task(i) for i in range(tasks)))
+
+
 async def counter(engine: AsyncEngine, key: str = "k") -> int:
     async with engine.connect() as conn:
         return int(

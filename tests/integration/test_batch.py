@@ -17,7 +17,7 @@ from writeturn import Outcome, TurnTimeout, WriteHandle, WriteSerializer
 from ._db import (
     counter,
     create_tables,
-    increment,
+    increment_concurrently,
     ledger,
     pg_leftovers,
     record,
@@ -215,12 +215,7 @@ async def test_a_timed_out_write_in_a_batch_is_withdrawn(db_url: str) -> None:
 async def test_batched_increments_lose_nothing(db_url: str, coordination: str) -> None:
     async with serializer(db_url, coordination=coordination, batch_max=8) as ser:
         await create_tables(ser.engine)
-
-        async def task(i: int) -> None:
-            for _ in range(10):
-                await ser.run(increment, key="k", writer=f"t{i}")
-
-        await asyncio.gather(*(task(i) for i in range(50)))
+        await increment_concurrently(ser)
         assert await counter(ser.engine) == 500
 
 

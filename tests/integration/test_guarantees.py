@@ -22,6 +22,7 @@ from ._db import (
     counter,
     create_tables,
     increment,
+    increment_concurrently,
     ledger,
     pg_leftovers,
     quietly,
@@ -118,12 +119,7 @@ async def test_anonymous_writes_run_in_arrival_order(db_url: str) -> None:
 async def test_concurrent_increments_lose_nothing(db_url: str, coordination: str) -> None:
     async with serializer(db_url, coordination=coordination) as ser:
         await create_tables(ser.engine)
-
-        async def task(i: int) -> None:
-            for _ in range(10):
-                await ser.run(increment, key="k", writer=f"t{i}")
-
-        await asyncio.gather(*(task(i) for i in range(50)))
+        await increment_concurrently(ser)
         assert await counter(ser.engine) == 500
         assert ser.stats().committed == 500
 
