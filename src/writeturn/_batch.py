@@ -3,175 +3,224 @@
 The batch is the next ``batch_max`` turns of the key, in turn order, so order
 and alternation are those of single writes. The writes run back to back, with
 no savepoints (each one would cost a round trip, which is most of what
-batching saves). When a write raises, or is cancelled, before the COMMIT, the
-whole transaction is rolled back, that write alone is settled ROLLED_BACK, and
-the batch runs again without it: a write function may therefore run more than
-once, and must have no effects outside the transaction that a re-run would
-repeat. A write cancelled before its function ran is simply left out
-(WITHDRAWN). Once its function has returned, a write waits for the shared
-COMMIT (state RAN) and a cancellation is only noted, as for a single write
-whose COMMIT is under way: it commits, and a caller's cancellation is raised
-afterwards. The noted cancellation stops it only if the batch is rolled back
-for another write's sake before the COMMIT. The COMMIT is shared: every write
-of the batch gets its outcome, never half of them.
+batching saves). When a write raises, or is stopped, before the COMMIT, the
+whole transaction is rolled back, that write alone is settled ROLLED_BACK (or
+waits to be retried, if its failure is transient and it has retries left),
+and the batch runs again without it: a write function may therefore run more
+than once, and must have no effects outside the transaction that a re-run
+would repeat. A write stopped while it is not running (waiting in the batch,
+during the batch window, the BEGIN, or a retry's back-off) is settled at
+once. Once its function has returned, a write waits for the shared COMMIT
+(state RAN) and a stop is only noted, as for a single write whose COMMIT is
+under way: it commits, and a caller's cancellation is raised afterwards. The
+noted stop ends it only if the batch is rolled back for another write's sake
+before the COMMIT. The COMMIT is shared: every write of the batch gets its
+outcome, never half of them.
 
 # Invariants:
-# - the key's turn (and SQLite's gate) is held until the last attempt ended
-#   and the connection was returned; claimed writes are never in the queue;
-# - a handle's ``_task`` is set only while its own function runs, so a
-#   cancellation of one write never lands in another's function;
-# - every handle of the batch is settled exactly once.
+# - the batch holds the key's turn (taken over from its first write) and
+#   SQLite's gate until the last attempt ended and the connection was handed
+#   back; claimed writes are never in the queue;
+# - the task is cancelled only while a write's own function runs outside a
+#   database call (``_current``), so a stop never lands in another write's
+#   function, nor in a driver call;
+# - every write of the batch is settled exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from ._session import WriteSession
-from ._transaction import GATE_KEY, Transaction
-from .handle import Reason, State, WriteHandle
+from ._runtime import GATE_KEY, HELD, Runtime
+from ._transaction import Transaction, call_function, retry_delay
+from ._write import State, WriteRecord
 from .outcome import Outcome
-
-if TYPE_CHECKING:
-    from .serializer import WriteSerializer
 
 __all__ = ["BatchRun"]
 
 
 class BatchRun:
-    """Runs one batch of writes of a key, from connection checkout to hand-over."""
+    """Runs one batch of writes of a key, from its window to the hand-over of the turn."""
 
-    __slots__ = ("_ser", "_pending", "_txn")
+    __slots__ = ("_rt", "_key", "_pending", "_current", "_txn", "_task", "_gate_held")
 
-    def __init__(self, ser: WriteSerializer, batch: list[WriteHandle[Any]]) -> None:
-        self._ser = ser
-        self._pending = batch
-        self._txn = Transaction(ser, batch[0], 0)
+    def __init__(self, rt: Runtime, leader: WriteRecord) -> None:
+        self._rt = rt
+        self._key = leader.key
+        leader.transfer_turn()
+        leader.runner = self
+        self._pending: list[WriteRecord] = [leader]
+        self._current: WriteRecord | None = None  # the write whose function runs now
+        self._txn = Transaction(rt, leader.key, owns_task=True)
+        self._gate_held = False
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), context=leader.context)
+        rt.keep(self._task)
 
-    async def run(self) -> None:
-        ser, txn = self._ser, self._txn
+    # -- the Runner interface ------------------------------------------------------
+
+    def stop(self, record: WriteRecord) -> None:
+        txn = self._txn
+        if record is self._current:
+            txn.stop()
+            if not txn.in_call:
+                self._task.cancel()
+            return
+        # Not running now (waiting in the batch, or in a retry's back-off): it ends at once.
+        self._pending.remove(record)
+        record.conclude(record.unbegun_outcome, None, asyncio.CancelledError())
+        if not self._pending and self._current is None:
+            # Nobody is left to wait for: stop the window, the gate's wait, the
+            # back-off or a checkout at once; a BEGIN in flight is interrupted.
+            txn.stop()
+            if not txn.in_call:
+                self._task.cancel()
+
+    # -- the run --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        rt, txn = self._rt, self._txn
+        HELD.set((*HELD.get(), (rt, self._key, self._task)))
         try:
-            if ser._gate is not None:
-                await ser._gate.acquire(GATE_KEY)
-                txn._gate_held = True
+            await self._gather()
+            if rt.gate is not None and self._pending:
+                await rt.gate.acquire(GATE_KEY)
+                self._gate_held = True
             while self._pending:
-                if txn._conn is None or txn._conn.invalidated:
-                    await self._fresh_connection()
                 await self._attempt()
         except BaseException as exc:
             # The batch could not run (no connection, a failed BEGIN, ...):
             # every write still waiting ends with that error.
-            for h in self._pending:
-                self._settle(h, Outcome.ROLLED_BACK if h._state >= State.RUNNING else None, exc)
+            if txn.began:
+                await txn.rollback()
+            error = txn.explain(Outcome.ROLLED_BACK, exc)
+            for record in self._pending:
+                if record.state is State.RUNNING:
+                    record.move(State.ROLLING_BACK)
+                record.conclude(
+                    Outcome.ROLLED_BACK if record.began else Outcome.WITHDRAWN, None, error
+                )
             self._pending.clear()
             if not isinstance(exc, Exception | asyncio.CancelledError):
                 raise
         finally:
-            if txn._conn is not None:
-                await txn._close()
-            txn._release()
+            await txn.finish()
+            if self._gate_held:
+                assert rt.gate is not None
+                rt.gate.release(GATE_KEY)
+            rt.release(self._key)
 
-    async def _fresh_connection(self) -> None:
-        txn = self._txn
-        if txn._conn is not None:
-            await txn._close()
-            txn._conn = None
-        await txn._connect(check_reason=False)
+    async def _gather(self) -> None:
+        """Claim the next writes in line; wait ``batch_window`` for more only where
+        others were already in line (a lone writer would pay the window each time)."""
+        opts = self._rt.options
+        self._claim(opts.batch_max - 1)
+        if 1 < len(self._pending) < opts.batch_max and opts.batch_window > 0:
+            await asyncio.sleep(opts.batch_window)  # a write stopped meanwhile ends at once
+            self._claim(opts.batch_max - len(self._pending))
+
+    def _claim(self, limit: int) -> None:
+        rt = self._rt
+        for waiter in rt.turns.claim(self._key, limit, accept=_batchable):
+            assert isinstance(waiter, WriteRecord)
+            waiter.granted()
+            waiter.runner = self
+            self._pending.append(waiter)
+
+    def _deadline(self) -> float | None:
+        """A BEGIN that waits for another process's lock waits for the latest writer."""
+        deadlines = [r.deadline for r in self._pending]
+        if any(d is None for d in deadlines):
+            return None
+        return max(d for d in deadlines if d is not None)
 
     async def _attempt(self) -> None:
         """One transaction over the writes still pending; settles what it can."""
-        ser, txn = self._ser, self._txn
-        conn = txn._conn_()
-        txn._began = True
-        txn._cancel_seen = False
-        txn._xid = await txn.call(
-            ser._dialect.begin(conn, self._pending[0].key), interruptible=False
-        )
-        session = WriteSession(
-            txn, bind=conn, expire_on_commit=False, join_transaction_mode="rollback_only"
-        )
-        txn._session = session
-        ran: list[tuple[WriteHandle[Any], Any]] = []
-        for h in list(self._pending):
-            if h._reason is not None:  # cancelled before its turn in this attempt
-                self._pending.remove(h)
-                self._settle(h, None, None)
+        txn = self._txn
+        await txn.connect()
+        txn.resume()
+        if not self._pending:
+            return
+        await txn.begin(self._deadline())
+        session = txn.session()
+        ran: list[tuple[WriteRecord, Any]] = []
+        for record in list(self._pending):
+            if record.state is State.DONE:  # stopped while an earlier write ran
                 continue
+            self._current = record
+            txn.resume()
+            record.move(State.RUNNING)
             try:
-                ran.append((h, await self._run_one(session, h)))
+                await txn.record_journal(record)
+                result = await call_function(record, session)
+                # Flush now, so a failing statement is this write's failure.
+                await txn.flush()
+                if txn.stopped:
+                    raise asyncio.CancelledError
             except BaseException as exc:
-                await self._undo(session)
-                for earlier, _ in ran:  # rolled back with h: they run again
-                    earlier._state = State.RUNNING
-                self._pending.remove(h)
-                self._settle(h, Outcome.ROLLED_BACK, exc)
+                self._current = None
+                record.move(State.ROLLING_BACK)
+                await txn.rollback()
+                await self._failed(record, exc, ran)
                 return
-        await self._commit(ran)
+            self._current = None
+            record.move(State.RAN)
+            ran.append((record, result))
+        if ran:
+            await self._commit(ran)
+        else:  # every write was stopped while an earlier one ran
+            await txn.rollback()
 
-    async def _run_one(self, session: AsyncSession, h: WriteHandle[Any]) -> Any:
-        txn = self._txn
-        txn._h = h
-        txn._cancel_seen = False
-        h._state = State.RUNNING
-        h._task = asyncio.current_task()
-        try:
-            await txn.record_journal(h)
-            if h.duplicate:  # applied once already: not again
-                return None
-            result = await h.start_function(session)
-            # Flush now, so a failing statement is this write's failure.
-            if session.new or session.dirty or session.deleted:
-                await txn.call(AsyncSession.flush(session))
-            if txn._cancel_seen or h._reason is not None:
-                raise asyncio.CancelledError
-            h._state = State.RAN
-            return result
-        finally:
-            h._task = None
-
-    async def _undo(self, session: AsyncSession) -> None:
-        txn = self._txn
-        await txn._rollback()
-        txn._drop_session()
-
-    async def _commit(self, ran: list[tuple[WriteHandle[Any], Any]]) -> None:
-        txn = self._txn
-        for h, _ in ran:
-            h._state = State.COMMITTING
-            h._disarm()
-        txn._h = ran[0][0] if ran else txn._h
-        try:
-            await txn.call(txn._conn_().commit(), interruptible=False)
-            outcome, error = Outcome.COMMITTED, None
-        except Exception as exc:
-            outcome, error = await txn._commit_failed(exc)
-        txn._drop_session()
-        for h, result in ran:
-            self._settle(h, outcome, error, result)
-        self._pending = [h for h in self._pending if not h.done()]
-
-    def _settle(
-        self,
-        h: WriteHandle[Any],
-        outcome: Outcome | None,
-        error: BaseException | None,
-        result: Any = None,
+    async def _failed(
+        self, record: WriteRecord, exc: BaseException, ran: list[tuple[WriteRecord, Any]]
     ) -> None:
-        """Give ``h`` its outcome (None: it never ran, so WITHDRAWN) and wake its awaiters."""
-        if outcome is None:
-            outcome = Outcome.ROLLED_BACK if h._state >= State.RUNNING else Outcome.WITHDRAWN
-        h._set_outcome(outcome)
-        if outcome is not Outcome.COMMITTED:
-            h.seq, h.duplicate = None, False
-        if h._reason is not None and outcome is not Outcome.COMMITTED:
-            exc = h._reason_exception()
-            if error is not None and not isinstance(error, asyncio.CancelledError):
-                exc.__cause__ = error
-            h._finish(exception=exc)
-        elif h._reason is Reason.CANCEL:  # cancelled by its caller after its function ran
-            h._finish(exception=asyncio.CancelledError())
-        else:
-            h._finish(result=result, exception=error)
+        """``record`` failed and the transaction was rolled back: the others run again."""
+        txn = self._txn
+        for other, _ in ran:
+            if other.stop is not None:  # a stop noted while it waited ends it now
+                self._pending.remove(other)
+                other.conclude(Outcome.ROLLED_BACK, None, asyncio.CancelledError())
+            else:
+                other.move(State.GRANTED)
+        error = txn.explain(Outcome.ROLLED_BACK, exc)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise exc
+        delay = retry_delay(self._rt, record, Outcome.ROLLED_BACK, error)
+        if delay is None:
+            self._pending.remove(record)
+            record.conclude(Outcome.ROLLED_BACK, None, error)
+            return
+        record.move(State.RETRY_WAIT)
+        await txn.finish()  # the connection goes back while the batch waits
+        await self._back_off(delay)
+
+    async def _commit(self, ran: list[tuple[WriteRecord, Any]]) -> None:
+        txn = self._txn
+        for record, _ in ran:
+            record.move(State.COMMITTING)
+        # The writes share one fate: any one's journal row tells a lost COMMIT's outcome.
+        probe = next((r.idempotency_key for r, _ in ran if r.idempotency_key is not None), None)
+        outcome, error = await txn.commit(probe)
+        error = txn.explain(outcome, error)
+        retry: float | None = None
+        for record, result in ran:
+            delay = retry_delay(self._rt, record, outcome, error)
+            if delay is not None:  # a transient failure at COMMIT: it runs again
+                record.move(State.RETRY_WAIT)
+                retry = delay if retry is None else max(retry, delay)
+                continue
+            self._pending.remove(record)
+            record.conclude(outcome, result if outcome is Outcome.COMMITTED else None, error)
+        if retry is not None:
+            await txn.finish()
+            await self._back_off(retry)
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait before a retry; writes stopped meanwhile end at once (see stop())."""
+        await asyncio.sleep(delay)
+
+
+def _batchable(waiter: object) -> bool:
+    """Only submitted writes join a batch (a transaction() block runs in its own task)."""
+    return isinstance(waiter, WriteRecord) and waiter.fn is not None

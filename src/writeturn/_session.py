@@ -1,7 +1,7 @@
 """The session a write function receives: an AsyncSession whose database calls
 cannot be cut in half by a cancellation.
 
-Each guarded method runs through the owning transaction's ``call``: the
+Each guarded method runs through the ``call`` function it was given: the
 statement completes (or, after a grace period, is interrupted by the driver
 and fails with an ordinary error), and only then does the cancellation reach
 the write function, as ``CancelledError``. The connection therefore stays
@@ -15,17 +15,17 @@ transaction back) but costs a reconnect.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .errors import TransactionOwnedError
 
-if TYPE_CHECKING:
-    from ._transaction import Transaction
+__all__ = ["WriteSession", "Call"]
 
-__all__ = ["WriteSession"]
+#: Runs one database call of the write so that no cancellation lands inside it.
+Call = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 _GUARDED = (
     "execute",
@@ -52,14 +52,15 @@ class WriteSession(AsyncSession):
     writeturn owns the transaction: it commits when the write function returns
     and rolls back when it raises. ``commit()`` and ``rollback()`` therefore
     raise :class:`TransactionOwnedError`; use ``begin_nested()`` for a
-    savepoint. Not safe for use from concurrent tasks (like any AsyncSession).
+    savepoint. Not safe for use from concurrent tasks (like any AsyncSession), and
+    refused (:class:`TransactionOwnedError`) once its write has ended.
     """
 
-    _writeturn_txn: Transaction
+    _writeturn_call: Call
 
-    def __init__(self, txn: Transaction, **kwargs: Any) -> None:
+    def __init__(self, call: Call, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._writeturn_txn = txn
+        self._writeturn_call = call
 
     async def commit(self) -> NoReturn:
         """Refused: writeturn commits when the write function returns."""
@@ -82,7 +83,7 @@ def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
     base = getattr(AsyncSession, name)
 
     async def method(self: WriteSession, *args: Any, **kwargs: Any) -> Any:
-        return await self._writeturn_txn.call(base(self, *args, **kwargs))
+        return await self._writeturn_call(base(self, *args, **kwargs))
 
     method.__name__ = name
     method.__qualname__ = f"WriteSession.{name}"

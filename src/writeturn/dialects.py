@@ -56,6 +56,9 @@ class Dialect:
     #: True when the database admits one writer at a time whatever the key
     #: (SQLite): the serializer then also serializes writes across keys.
     single_writer: bool = False
+    #: True when a failed statement aborts the whole transaction (Postgres): a
+    #: function that caught the error must not be reported as committed.
+    aborts_on_error: bool = False
 
     def __init__(self, coordination: Coordination, namespace: str) -> None:
         self.coordination = coordination
@@ -166,6 +169,7 @@ class PostgresDialect(Dialect):
     connection can be resolved afterwards with ``txid_status``."""
 
     name = "postgresql"
+    aborts_on_error = True
 
     _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id), txid_current()")
     _STATUS = text("SELECT txid_status(:xid)")

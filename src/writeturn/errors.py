@@ -21,6 +21,7 @@ __all__ = [
     "ConnectionLost",
     "QueueFull",
     "JournalMissing",
+    "TransactionAborted",
 ]
 
 
@@ -77,3 +78,8 @@ class ConnectionLost(WriteturnError):
 
 class JournalMissing(WriteturnError):
     """The write journal table does not exist: run `writeturn migrate upgrade`."""
+
+
+class TransactionAborted(WriteturnError):
+    """A statement failed inside the write and its error was caught; the database had
+    aborted the transaction, so nothing of the write was committed."""

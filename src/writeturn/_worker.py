@@ -1,0 +1,333 @@
+"""Running one write: a submitted write on a task of its own, or a ``transaction()`` block.
+
+Both drive a :class:`~writeturn._write.WriteRecord` through the same steps of
+a :class:`~writeturn._transaction.Transaction`, and both end the same way:
+the transaction ends (COMMIT or ROLLBACK acknowledged, or the connection
+discarded), the connection goes back, SQLite's gate and then the key's turn
+are handed on, and only then is the write settled (guarantee 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from types import TracebackType
+from typing import Any, NoReturn
+
+from ._runtime import GATE_KEY, HELD, Runtime
+from ._session import WriteSession
+from ._transaction import Transaction, call_function, retry_delay
+from ._write import State, Stop, WriteRecord
+from .errors import ConfigurationError
+from .outcome import Outcome
+
+__all__ = ["SingleRun", "TransactionContext"]
+
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit)  # settled, then re-raised to the loop
+
+
+class _Ending:
+    __slots__ = ("outcome", "result", "error")
+
+    def __init__(
+        self, outcome: Outcome, result: Any = None, error: BaseException | None = None
+    ) -> None:
+        self.outcome, self.result, self.error = outcome, result, error
+
+
+class SingleRun:
+    """Runs one submitted write on writeturn's own task, retrying transient failures.
+
+    The task is cancelled only where no database call is in flight; during a
+    call a stop is handed to the transaction, which stops the statement
+    after ``cancel_grace``.
+    """
+
+    __slots__ = ("_rt", "_record", "_task", "_txn", "_gate_held")
+
+    def __init__(self, rt: Runtime, record: WriteRecord) -> None:
+        self._rt = rt
+        self._record = record
+        self._txn: Transaction | None = None
+        self._gate_held = False
+        record.runner = self
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), context=record.context)
+        self._task.add_done_callback(self._done)
+
+    def stop(self, record: WriteRecord) -> None:
+        txn = self._txn
+        if txn is not None:
+            txn.stop()
+            if txn.in_call:
+                return  # never cancel into a driver call: the transaction stops it
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        rt, record = self._rt, self._record
+        HELD.set((*HELD.get(), (rt, record.key, self._task)))
+        try:
+            if rt.gate is not None:
+                await rt.gate.acquire(GATE_KEY)  # a stop here withdraws from the gate's line
+                self._gate_held = True
+            while True:
+                ending = await self._attempt()
+                delay = retry_delay(rt, record, ending.outcome, ending.error)
+                if delay is None:
+                    break
+                record.move(State.RETRY_WAIT)
+                try:
+                    await asyncio.sleep(delay)  # keeps the turn: the write keeps its place
+                except asyncio.CancelledError:
+                    break  # stopped while waiting: it ends as the last attempt did
+        except BaseException as exc:  # stopped before it began, or the gate's wait failed
+            ending = _Ending(record.unbegun_outcome, None, exc)
+        self._end(ending)
+        if isinstance(ending.error, _PASS_THROUGH):
+            raise ending.error
+
+    async def _attempt(self) -> _Ending:
+        rt, record = self._rt, self._record
+        txn = self._txn = Transaction(rt, record.key, owns_task=True)
+        try:
+            if record.stop is not None:
+                raise asyncio.CancelledError  # stopped while it waited for the gate
+            await txn.connect()
+            record.move(State.RUNNING)
+            await txn.begin(record.deadline)
+            await txn.record_journal(record)
+            result = await call_function(record, txn.session())
+            await txn.flush()
+            if txn.stopped:
+                raise asyncio.CancelledError
+        except BaseException as exc:
+            if record.state is not State.RUNNING:  # nothing began
+                await txn.finish()
+                return _Ending(record.unbegun_outcome, None, exc)
+            record.move(State.ROLLING_BACK)
+            await txn.rollback()
+            error = txn.explain(Outcome.ROLLED_BACK, exc)
+            await txn.finish()
+            return _Ending(Outcome.ROLLED_BACK, None, error)
+        record.move(State.COMMITTING)
+        outcome, error = await txn.commit(record.idempotency_key)
+        error = txn.explain(outcome, error)
+        await txn.finish()
+        return _Ending(outcome, result if outcome is Outcome.COMMITTED else None, error)
+
+    def _end(self, ending: _Ending) -> None:
+        rt, record = self._rt, self._record
+        self._txn = None
+        if self._gate_held:
+            assert rt.gate is not None
+            rt.gate.release(GATE_KEY)
+            self._gate_held = False
+        record.release_turn()
+        record.conclude(ending.outcome, ending.result, ending.error)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        record = self._record
+        if record.state is State.DONE:
+            return
+        # Cancelled before its first step, the task ran no code: the turn it
+        # was granted is still held. Pass it on; the write never began.
+        assert record.state is State.GRANTED, f"{record!r} left unsettled by its task"
+        record.release_turn()
+        record.conclude(Outcome.WITHDRAWN, None, asyncio.CancelledError())
+
+
+class TransactionContext:
+    """``async with ser.transaction(...) as session``: waits for the turn, then one transaction.
+
+    The block runs in the caller's task, so a stop (timeout, ``ctx.handle.cancel()``,
+    ``close(drain=False)``) cancels that task; the cancellation is taken back
+    (``uncancel``) and reported as TurnTimeout or SerializerClosed, unless
+    somebody else cancelled the task too, whose ``CancelledError`` then
+    propagates, as ``asyncio.timeout`` expects.
+    """
+
+    __slots__ = (
+        "_rt",
+        "_record",
+        "handle",
+        "_task",
+        "_entry",
+        "_sent",
+        "_txn",
+        "_token",
+        "_gate_held",
+        "_entered",
+    )
+
+    def __init__(self, rt: Runtime, record: WriteRecord, handle: Any) -> None:
+        self._rt = rt
+        self._record = record
+        #: The block's :class:`WriteHandle`: ``ctx.handle.cancel()``, ``ctx.handle.outcome``.
+        self.handle = handle
+        self._task: asyncio.Task[Any] | None = None
+        self._entry = 0  # the task's cancel count when the block was entered
+        self._sent = 0  # cancels writeturn itself sent to the task
+        self._txn: Transaction | None = None
+        self._token: contextvars.Token[Any] | None = None
+        self._gate_held = False
+        self._entered = False
+
+    # -- the Runner interface ------------------------------------------------------
+
+    def stop(self, record: WriteRecord) -> None:
+        if self._txn is not None:
+            self._txn.stop()
+        task = self._task
+        assert task is not None
+        if task.cancelling() > self._entry + self._sent:
+            return  # the task is being cancelled already; one CancelledError is enough
+        self._sent += 1
+        task.cancel()
+
+    def _on_task_cancel(self) -> None:
+        """The caller's task was cancelled during a database call."""
+        task = self._task
+        assert task is not None
+        if task.cancelling() > self._entry + self._sent:  # not by writeturn: by its caller
+            self._record.request_stop(Stop.CANCEL)
+
+    # -- entering --------------------------------------------------------------------
+
+    async def __aenter__(self) -> WriteSession:
+        rt, record = self._rt, self._record
+        if self._entered:
+            raise ConfigurationError(
+                "this transaction() context was already entered; call ser.transaction() again "
+                "for another write"
+            )
+        self._entered = True
+        task = asyncio.current_task()
+        assert task is not None
+        self._task, self._entry = task, task.cancelling()
+        record.runner = self
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        record.add_waiter(granted)
+        rt.enter(record)
+        record.arm(on_grant=lambda _: _resolve(granted))
+        if rt.turns.enqueue(record.key, record):
+            record.on_grant()
+        try:
+            await granted
+        except asyncio.CancelledError as exc:
+            if record.state is not State.DONE:
+                record.request_stop(Stop.CANCEL)  # QUEUED: withdrawn and settled
+            if record.state is State.GRANTED:  # granted as it was cancelled: pass it on
+                self._end(Outcome.WITHDRAWN, exc)
+            raise self._raising(exc) from None
+        if record.state is State.DONE:  # stopped while queued (timeout, close, cancel)
+            raise self._raising(None)
+        self._token = HELD.set((*HELD.get(), (rt, record.key, task)))
+        txn = self._txn = Transaction(
+            rt, record.key, owns_task=False, on_cancel=self._on_task_cancel
+        )
+        try:
+            if rt.gate is not None:
+                await rt.gate.acquire(GATE_KEY)
+                self._gate_held = True
+            if record.stop is not None or txn.stopped:
+                raise asyncio.CancelledError
+            await txn.connect()
+            record.move(State.RUNNING)
+            await txn.begin(record.deadline)
+            await txn.record_journal(record)
+            return txn.session()
+        except BaseException as exc:
+            await self._fail(exc)
+
+    async def _fail(self, exc: BaseException) -> NoReturn:
+        """The block never ran: end the write and raise what it ends with."""
+        record, txn = self._record, self._txn
+        assert txn is not None
+        if record.state is State.RUNNING:
+            record.move(State.ROLLING_BACK)
+            await txn.rollback()
+            error = txn.explain(Outcome.ROLLED_BACK, exc)
+            await txn.finish()
+            self._end(Outcome.ROLLED_BACK, error)
+        else:
+            await txn.finish()
+            self._end(record.unbegun_outcome, exc)
+        final = self._raising(exc)
+        if final is exc:
+            raise exc
+        raise final from final.__cause__
+
+    # -- leaving --------------------------------------------------------------------------
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        record, txn, task = self._record, self._txn, self._task
+        assert txn is not None and task is not None
+        if isinstance(exc, asyncio.CancelledError) and record.stop is None:
+            self._on_task_cancel()  # the caller's own cancellation, in the block's code
+        if exc is None and not txn.stopped and record.stop is None:
+            try:
+                await txn.flush()
+            except BaseException as flush_error:
+                exc = flush_error
+        if exc is None and not txn.stopped and record.stop is None:
+            record.move(State.COMMITTING)
+            outcome, error = await txn.commit(record.idempotency_key)
+            error = txn.explain(outcome, error)
+        else:
+            record.move(State.ROLLING_BACK)
+            await txn.rollback()
+            outcome = Outcome.ROLLED_BACK
+            error = txn.explain(outcome, exc if exc is not None else asyncio.CancelledError())
+        await txn.finish()
+        self._end(outcome, error)
+        final = self._final(exc)
+        if final is None or final is exc:
+            return False
+        raise final from final.__cause__
+
+    def _end(self, outcome: Outcome, error: BaseException | None) -> None:
+        rt, record = self._rt, self._record
+        if self._gate_held:
+            assert rt.gate is not None
+            rt.gate.release(GATE_KEY)
+            self._gate_held = False
+        if record.holds_turn:
+            record.release_turn()
+        if self._token is not None:
+            HELD.reset(self._token)
+            self._token = None
+        record.conclude(outcome, None, error)
+
+    def _raising(self, raised: BaseException | None) -> BaseException:
+        """The exception a block that did not commit raises."""
+        final = self._final(raised)
+        assert final is not None, "a write that did not commit ends with an exception"
+        return final
+
+    def _final(self, raised: BaseException | None) -> BaseException | None:
+        """What leaves the block: the write's exception, with the task's cancel count
+        restored for writeturn's own stops (see the class docstring)."""
+        record, task = self._record, self._task
+        assert task is not None
+        final = record.exception
+        if record.stop in (Stop.TIMEOUT, Stop.CLOSE):
+            for _ in range(self._sent):
+                task.uncancel()
+            self._sent = 0
+        if task.cancelling() > self._entry and not isinstance(final, asyncio.CancelledError):
+            err = asyncio.CancelledError()  # somebody else cancelled the task too
+            err.__context__ = final
+            return err
+        if isinstance(final, asyncio.CancelledError) and isinstance(raised, asyncio.CancelledError):
+            return raised
+        return final
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
