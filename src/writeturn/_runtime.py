@@ -34,15 +34,19 @@ HELD: ContextVar[tuple[tuple[Runtime, str, asyncio.Task[Any]], ...]] = ContextVa
 )
 
 
-def holds_turn(rt: Runtime, key: str | None = None) -> str | None:
+def holds_turn(rt: Runtime, key: str | None = None, *, inside: bool = False) -> str | None:
     """The key (of ``rt``) whose turn the current task holds, or None.
 
     With ``key``, only that key counts, except on SQLite, where any held turn
-    does (one writer per database).
+    does (one writer per database). With ``inside``, a turn also counts when
+    the current task was started inside it (its context was copied there,
+    e.g. by ``wait_for``) and the turn's holder is still running.
     """
     task = asyncio.current_task()
     for owner, held, holder in HELD.get():
-        if owner is rt and holder is task and (key is None or held == key or rt.gate):
+        if owner is not rt or not (key is None or held == key or rt.gate):
+            continue
+        if holder is task or (inside and not holder.done()):
             return held
     return None
 

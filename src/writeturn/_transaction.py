@@ -425,6 +425,12 @@ class Transaction:
         self._arm_terminate()
         try:
             await self.call(conn.rollback(), interruptible=False)
+            if self._rt.dialect.driver_in_transaction(conn):
+                # SQLAlchemy lost track of the transaction (a refused commit()
+                # deactivates it), but the database still has it open.
+                await self.call(conn.run_sync(_rollback_driver), interruptible=False)
+                if self._rt.dialect.driver_in_transaction(conn):
+                    raise RuntimeError("the connection is still inside a transaction")
         except Exception as exc:
             log.warning("writeturn: ROLLBACK failed (%r); discarding the connection", exc)
             try:
@@ -495,6 +501,10 @@ class Transaction:
     def _conn(self) -> AsyncConnection:
         assert self.conn is not None
         return self.conn
+
+
+def _rollback_driver(sync_conn: Any) -> None:
+    sync_conn.connection.dbapi_connection.rollback()
 
 
 class _SessionGate:

@@ -73,6 +73,10 @@ class Dialect:
         """
         raise NotImplementedError
 
+    def driver_in_transaction(self, conn: AsyncConnection) -> bool:
+        """Whether the driver's connection is inside a transaction, whatever SQLAlchemy thinks."""
+        return False
+
     def not_sent(self, exc: BaseException) -> bool:
         """Whether a failed COMMIT was refused by the driver before it reached the server."""
         return False
@@ -155,6 +159,10 @@ class SQLiteDialect(Dialect):
         if driver is not None:
             await driver.interrupt()
 
+    def driver_in_transaction(self, conn: AsyncConnection) -> bool:
+        driver = _driver(conn)
+        return bool(driver is not None and driver.in_transaction)
+
     def _transient(self, exc: DBAPIError) -> bool:
         # Another process held the write lock past the busy timeout.
         text_ = str(exc.orig).lower()
@@ -202,6 +210,10 @@ class PostgresDialect(Dialect):
         driver = _driver(conn)
         if driver is not None:
             driver.terminate()
+
+    def driver_in_transaction(self, conn: AsyncConnection) -> bool:
+        driver = _driver(conn)
+        return bool(driver is not None and not driver.is_closed() and driver.is_in_transaction())
 
     #: asyncpg refuses these before it writes anything to the socket.
     _NOT_SENT = ("connection is closed", "another operation is in progress")

@@ -233,7 +233,7 @@ class WriteSerializer:
         """
         if timeout is not None:
             timeout = check_seconds("timeout", timeout, allow_zero=True)
-        held = holds_turn(self._rt)
+        held = holds_turn(self._rt, inside=True)
         if held is not None:
             raise ReentrantWriteError(
                 f"close() called inside a write on key {held!r} of this serializer would wait "
