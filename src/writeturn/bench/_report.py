@@ -1,15 +1,23 @@
-"""Turning results into text, JSON and a plot. Printing itself is the CLI's job."""
+"""Turning results into text, JSON and plots."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._model import STRATEGIES, BenchResults, CellResult, TargetResult
 
-__all__ = ["format_cells", "format_targets", "format_memory", "write_json", "write_plot"]
+__all__ = [
+    "format_cells",
+    "format_targets",
+    "format_memory",
+    "print_results",
+    "write_json",
+    "write_plot",
+    "latency_plot_path",
+]
 
 _COLUMNS = (
     ("workload", 8, "s"),
@@ -122,6 +130,15 @@ def format_memory(results: BenchResults) -> str:
     )
 
 
+def print_results(results: BenchResults, out: TextIO) -> None:
+    """The cell tables, the memory figure and the targets, as text."""
+    m = results.machine
+    out.write(f"machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}\n")
+    out.write(format_cells(results))
+    out.write(format_memory(results))
+    out.write(format_targets(results.targets))
+
+
 def to_json(results: BenchResults) -> dict[str, Any]:
     data = dataclasses.asdict(results)
     for cell, obj in zip(data["cells"], results.cells, strict=True):
@@ -131,6 +148,11 @@ def to_json(results: BenchResults) -> dict[str, Any]:
 
 def write_json(results: BenchResults, path: Path) -> None:
     path.write_text(json.dumps(to_json(results), indent=2) + "\n")
+
+
+def latency_plot_path(path: Path) -> Path:
+    """Where :func:`write_plot` puts the latency figure: ``FILE-latency.png`` by ``FILE.png``."""
+    return path.with_name(f"{path.stem}-latency{path.suffix or '.png'}")
 
 
 def write_plot(results: BenchResults, path: Path) -> None:
