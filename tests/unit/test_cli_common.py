@@ -67,6 +67,8 @@ def test_mask_hides_the_passwords_of_given_urls_anywhere() -> None:
     text = "could not connect as app with password p@ss/w0rd to postgresql://app:p%40ss/w0rd@db"
     masked = mask(text, [url])
     assert "p@ss/w0rd" not in masked and "p%40ss" not in masked, masked
+    # Both forms of the password, wherever they appear, even outside a URL.
+    assert mask("tried p%40ss/w0rd then p@ss/w0rd", [url], patterns=False) == ("tried *** then ***")
     assert mask("unrecognized arguments: --urls x://u:hunter2@h/d") == (
         "unrecognized arguments: --urls x://u:***@h/d"
     )

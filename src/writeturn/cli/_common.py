@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -55,6 +57,10 @@ T = TypeVar("T")
 # -- masking ---------------------------------------------------------------------------
 
 
+# scheme://user:PASSWORD@host..., up to the last @ (SQLAlchemy's parser allows / in it).
+_TYPED_PASSWORD = re.compile(r"[\w+.-]+://[^:/@\s]*:(\S*)@[^@\s]*$")
+
+
 def _passwords(texts: Iterable[str]) -> set[str]:
     """The passwords of every parseable URL among ``texts`` (``--url=...`` included)."""
     found: set[str] = set()
@@ -62,12 +68,12 @@ def _passwords(texts: Iterable[str]) -> set[str]:
         candidate = text.split("=", 1)[1] if text.startswith("-") and "=" in text else text
         if "://" not in candidate:
             continue
-        try:
-            password = make_url(candidate).password
-        except Exception:  # not a URL after all: redact() still covers user:pw@ forms
-            continue
-        if isinstance(password, str) and password:
-            found.add(password)
+        with contextlib.suppress(Exception):  # not a URL: redact() covers user:pw@ forms
+            found.add(str(make_url(candidate).password or ""))  # decoded: p@ss
+        typed = _TYPED_PASSWORD.match(candidate)  # as typed: p%40ss
+        if typed:
+            found.add(typed.group(1))
+    found.discard("")
     return found
 
 
