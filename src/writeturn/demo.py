@@ -1241,6 +1241,7 @@ async def _run(
     database: _Database | None = None
     timed: list[TimedWrite] = []
     stalled: set[asyncio.Task[None]] = set()
+    abandoned = False  # stopped half-way: its writes may still hold the tables
     async with ser:
         try:
             await _prepare(ser.engine, key_names(options.keys))
@@ -1251,14 +1252,22 @@ async def _run(
             unexpected = _unexpected(awaiters)
             stats = ser.stats()  # of the race alone, before the timeout probes
             if stalled:
+                abandoned = True
                 await _abandon(ser)
             else:
-                async with asyncio.timeout(options.time_limit):
-                    timed = await _timeout_probes(ser)
-                database = await _read_back(ser.engine, postgres)
+                try:
+                    async with asyncio.timeout(options.time_limit):
+                        timed = await _timeout_probes(ser)
+                except TimeoutError:  # a write with timeout= that never ended: no verdict
+                    unexpected += (
+                        f"the writes with timeout= had not ended after {options.time_limit:g} s",
+                    )
+                    abandoned = True
+                    await _abandon(ser)
+                else:
+                    database = await _read_back(ser.engine, postgres)
         finally:
-            # A stalled run may still hold the tables' locks: then they stay.
-            if not options.keep and not stalled:
+            if not options.keep and not abandoned:
                 with contextlib.suppress(SQLAlchemyError, OSError):
                     await _drop(ser.engine)
     return _report(
@@ -1273,7 +1282,7 @@ async def _run(
         elapsed=time.perf_counter() - started,
         stalled=len(stalled),
         unexpected=unexpected,
-        kept=options.keep or bool(stalled),
+        kept=options.keep or abandoned,
     )
 
 
