@@ -9,6 +9,9 @@ advisory locks (``"advisory"``), over SQLAlchemy's async engine on SQLite
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from ._session import WriteSession
 from .errors import (
     ConfigurationError,
@@ -56,4 +59,7 @@ __all__ = [
     "QueueFull",
 ]
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__: str = _distribution_version("writeturn")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"

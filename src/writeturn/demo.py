@@ -1,17 +1,27 @@
-"""``writeturn demo``: many writers race on one hot key; every guarantee is checked in the database.
+"""``writeturn demo``: many writers race on one hot key; all eight guarantees are checked live.
 
 Each writer queues all its writes at once; every write is a read-then-write
 (read a counter, pause, store value + 1 and append a ledger row), the pattern
 that loses updates without mutual exclusion. A seeded share of the writes is
-cancelled at random moments: while queued (``handle.cancel()``), or while
-running (the task awaiting the handle is cancelled, or an ``asyncio.timeout``
-around the await expires). Afterwards the ledger and the counters are read
-back and each guarantee of :class:`~writeturn.WriteSerializer` is checked
-against them.
+cancelled: while queued (``handle.cancel()`` when a chosen turn on its key
+starts), or while running (the task awaiting the handle is cancelled, or an
+``asyncio.timeout`` around the await expires, at a chosen step of the write).
+Another seeded share tries, from inside its turn, to start a second write
+that would wait for that very turn (re-entrancy). After the race, writes with
+``timeout=`` expire behind a held turn and in the middle of their function.
+Then the ledger, the counters and the probe rows are read back and each
+guarantee of :class:`~writeturn.WriteSerializer` is checked against them,
+together with the counts: every planned cancellation and every write is
+accounted for.
 
-The demo's tables (``writeturn_demo_ledger`` and ``writeturn_demo_counter``)
-are its own: it creates them if missing and empties them at start; the
-library's migrations never touch them.
+The same seed gives the same plan, and (cancellations land at turn numbers and
+write steps, never at wall-clock moments) the same turns, outcomes and
+verdicts; only the timings differ. On Postgres, keys other than the hot one
+run in parallel, which leaves the per-key results the same.
+
+The demo's tables (``writeturn_demo_*``) are its own: it creates them, and
+drops them afterwards unless ``keep`` is set; the library's migrations never
+touch them.
 
 :func:`run_demo` runs the demo and returns a :class:`DemoReport`;
 :func:`format_report` renders it; the ``check_*`` functions are pure, so they
@@ -20,7 +30,6 @@ can be tried on any data.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
@@ -28,7 +37,6 @@ import math
 import random
 import shutil
 import string
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -54,7 +62,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .dialects import Coordination
-from .errors import ConfigurationError, WriteturnError
+from .errors import ConfigurationError, ReentrantWriteError, TurnTimeout
 from .handle import WriteHandle
 from .outcome import Outcome
 from .serializer import WriteSerializer
@@ -65,24 +73,47 @@ __all__ = [
     "DemoOptions",
     "DemoReport",
     "Check",
+    "CancelMode",
     "LedgerRow",
+    "ProbeRow",
     "Turn",
     "WriteResult",
+    "Reentry",
+    "TimedWrite",
     "PgLeftovers",
+    "GUARANTEES",
     "run_demo",
     "format_report",
+    "plan_writes",
     "check_mutual_exclusion",
     "check_order",
     "check_alternation",
     "check_handover",
     "check_cancellation",
     "check_outcome_truth",
+    "check_reentrancy",
+    "check_timeouts",
+    "check_counts",
     "check_stats",
     "longest_run",
-    "register_cli",
 ]
 
+#: The README's guarantees, numbered as there.
+GUARANTEES = (
+    "mutual exclusion",
+    "order",
+    "alternation",
+    "clean hand-over",
+    "cancellation",
+    "outcome truth",
+    "re-entrancy",
+    "timeouts",
+)
 HOT_KEY = "hot"
+#: The key the timeout probes use (after the race, apart from its keys).
+DEADLINE_KEY = "deadline"
+#: The other key a re-entrant attempt tries on SQLite, where any key is re-entrant.
+ELSEWHERE_KEY = "elsewhere"
 NAMESPACE = "writeturn-demo"
 APPLICATION_NAME = "writeturn-demo"
 MAX_WRITERS = len(string.ascii_uppercase)  # one letter each in the commit strip
@@ -94,6 +125,13 @@ DEFAULT_TIME_LIMIT = 60.0
 ABANDON_SECONDS = 5.0
 #: Share of the writes that go to the other keys (when there are any).
 OTHER_KEY_SHARE = 0.25
+#: Share of the uncancelled writes that try a re-entrant write inside their turn.
+REENTER_SHARE = 0.1
+#: Timeout probes: writes that expire behind a held turn, and inside their function.
+TIMED_QUEUED, TIMED_RUNNING = 3, 3
+QUEUED_TIMEOUT, RUNNING_TIMEOUT = 0.05, 0.1
+#: Seconds between two progress reports.
+PROGRESS_INTERVAL = 0.5
 
 _metadata = MetaData()
 ledger = Table(
@@ -112,6 +150,18 @@ counter = Table(
     Column("key", String(100), primary_key=True),
     Column("value", Integer, nullable=False),
 )
+# What the re-entrant attempts and the timeout probes would leave, had they run to the end.
+probe = Table(
+    "writeturn_demo_probe",
+    _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(20), nullable=False),
+    Column("name", String(100), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+#: Progress callback: (writes settled, writes in all).
+Progress = Callable[[int, int], None]
 
 
 # -- options -------------------------------------------------------------------
@@ -119,7 +169,8 @@ counter = Table(
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What the demo runs. ``url=None``: a temporary SQLite file, removed afterwards."""
+    """What the demo runs. ``url=None``: a temporary SQLite file, removed afterwards.
+    ``keep``: leave the demo's tables in the database afterwards (they are dropped otherwise)."""
 
     url: str | None = None
     writers: int = 4
@@ -129,6 +180,7 @@ class DemoOptions:
     seed: int = 7
     keys: int = 1
     time_limit: float = DEFAULT_TIME_LIMIT  # seconds the writes get to settle
+    keep: bool = False
 
     def __post_init__(self) -> None:
         problems = [
@@ -196,9 +248,9 @@ class PlannedWrite:
     key: str
     mode: CancelMode
     pause: float  # seconds between the read and the write
-    at_step: int  # TASK: 0 before the read, 1 after it, 2 between update and insert
-    deadline: float  # TIMEOUT: seconds after the write's turn starts
+    at_step: int  # TASK, TIMEOUT: 0 before the read, 1 after it, 2 between update and insert
     trigger_turn: int  # QUEUED: cancelled at the start of this turn on its key
+    reenter: bool = False  # tries to start a write that would wait for its own turn
 
 
 def writer_names(count: int) -> list[str]:
@@ -232,6 +284,7 @@ def _plan_one(
     # Turns rotate among the writers, so this write's turn on its key comes
     # around turn index * writers, fewer as cancelled writes drop out.
     expected_turn = int(index * options.writers * (1 - options.cancel_rate))
+    reenter = rng.random() < REENTER_SHARE  # drawn always, so the plan's shape is stable
     return PlannedWrite(
         writer=writer,
         seq=seq,
@@ -239,8 +292,8 @@ def _plan_one(
         mode=mode,
         pause=0.0 if rng.random() < 0.5 else rng.uniform(0, 0.001),
         at_step=rng.randrange(3),
-        deadline=rng.uniform(0, 0.003),
         trigger_turn=rng.randrange(max(1, expected_turn)),
+        reenter=reenter and mode is CancelMode.NONE,
     )
 
 
@@ -257,6 +310,15 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
+class ProbeRow:
+    """A row a re-entrant attempt (``kind="reentrant"``) or a timeout probe
+    (``kind="timeout"``) wrote; only the holder and the follow-up probe may commit."""
+
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Turn:
     """A write's turn as its write function saw it start: the key, its writer,
     and the writers then waiting for the key, in turn order."""
@@ -269,13 +331,43 @@ class Turn:
 
 @dataclass(frozen=True)
 class WriteResult:
-    """How one write ended, as its handle reports it."""
+    """How one write ended, as its handle reports it; what was planned for it, whether the
+    planned cancellation was sent, and what its awaiting task raised (``""``: nothing)."""
 
     writer: str
     seq: int
     key: str
     outcome: Outcome
     cancelled_while_queued: bool = False
+    planned: CancelMode = CancelMode.NONE
+    cancel_sent: bool = False
+    raised: str = ""
+
+
+@dataclass(frozen=True)
+class Reentry:
+    """One write's attempt, inside its turn on ``key``, to start a write on ``inner_key``:
+    ``raised`` names what the attempt raised (``""``: nothing, so the write was queued)."""
+
+    writer: str
+    seq: int
+    key: str
+    inner_key: str
+    raised: str
+
+
+@dataclass(frozen=True)
+class TimedWrite:
+    """A write submitted with ``timeout=``: where it was meant to expire (``"queued"`` behind
+    a held turn, ``"running"`` inside its function), whether its function started, what
+    awaiting it raised, and its outcome."""
+
+    name: str
+    meant: str
+    timeout: float
+    started: bool
+    raised: str
+    outcome: Outcome
 
 
 @dataclass(frozen=True)
@@ -288,6 +380,8 @@ class PgLeftovers:
 
 @dataclass(frozen=True)
 class Check:
+    """One line of the verdict: guarantee ``number`` (1..8), or 0 for the bookkeeping."""
+
     number: int
     name: str
     passed: bool
@@ -403,7 +497,8 @@ def check_handover(max_in_flight: Mapping[str, int], leftovers: PgLeftovers | No
 
 
 def check_cancellation(results: Sequence[WriteResult], rows: Sequence[LedgerRow]) -> Check:
-    """Cancelled while queued: WITHDRAWN, no row. ROLLED_BACK: no row."""
+    """Cancelled while queued: WITHDRAWN, no row. ROLLED_BACK: no row. A cancelled awaiting
+    task ends in CancelledError; an expired ``asyncio.timeout`` still raises TimeoutError."""
     written = {(r.writer, r.writer_seq) for r in rows}
     queued = [r for r in results if r.cancelled_while_queued]
     problems = [
@@ -417,15 +512,29 @@ def check_cancellation(results: Sequence[WriteResult], rows: Sequence[LedgerRow]
         for r in (*queued, *rolled_back)
         if (r.writer, r.seq) in written
     ]
+    expected = {CancelMode.TASK: "CancelledError", CancelMode.TIMEOUT: "TimeoutError"}
+    mid_write = [
+        r
+        for r in results
+        if r.cancel_sent and r.planned in expected and r.outcome is not Outcome.COMMITTED
+    ]
+    problems += [
+        f"{r.writer} #{r.seq}: {r.planned.value} cancellation raised {r.raised or 'nothing'}, "
+        f"not {expected[r.planned]}"
+        for r in mid_write
+        if r.raised != expected[r.planned]
+    ]
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return Check(5, "cancellation", False, problems[0] + more)
+    timeouts = sum(r.planned is CancelMode.TIMEOUT for r in mid_write)
     return Check(
         5,
         "cancellation",
         True,
         f"{len(queued)} cancelled while queued: all withdrawn, none written; "
-        f"{len(rolled_back)} rolled back: none written",
+        f"{len(rolled_back)} rolled back: none written"
+        + (f"; {timeouts} asyncio.timeout expiries raised TimeoutError" if timeouts else ""),
     )
 
 
@@ -448,6 +557,113 @@ def check_outcome_truth(results: Sequence[WriteResult], rows: Sequence[LedgerRow
         )
     return Check(
         6, "outcome truth", True, f"COMMITTED handles = ledger rows ({len(committed)} writes)"
+    )
+
+
+def check_reentrancy(
+    attempts: Sequence[Reentry], probes: Sequence[ProbeRow], results: Sequence[WriteResult]
+) -> Check:
+    """Every attempt raised ReentrantWriteError at once, its write never ran (no probe row),
+    and the write that made the attempt went on and committed."""
+    outcome = {(r.writer, r.seq): r.outcome for r in results}
+    problems = [
+        f"{a.writer} #{a.seq} starting a write on {a.inner_key} inside its turn on {a.key} "
+        f"raised {a.raised or 'nothing (the write was queued behind its own turn)'}"
+        for a in attempts
+        if a.raised != ReentrantWriteError.__name__
+    ]
+    ran = [p.name for p in probes if p.kind == "reentrant"]
+    if ran:
+        problems.append(f"{len(ran)} re-entrant writes ran and committed, e.g. {ran[0]}")
+    problems += [
+        f"{a.writer} #{a.seq} ended {outcome[(a.writer, a.seq)].value} after its attempt"
+        for a in attempts
+        if outcome.get((a.writer, a.seq)) is not Outcome.COMMITTED
+    ]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Check(7, "re-entrancy", False, problems[0] + more)
+    if not attempts:
+        return Check(7, "re-entrancy", True, "no write was planned to try (a short run)")
+    others = sum(a.inner_key != a.key for a in attempts)
+    also = f" ({others} on another key: SQLite has one writer)" if others else ""
+    return Check(
+        7,
+        "re-entrancy",
+        True,
+        f"{len(attempts)} writes tried to start a write inside their own turn{also}: each "
+        "raised ReentrantWriteError at once, nothing ran, the outer writes committed",
+    )
+
+
+def check_timeouts(timed: Sequence[TimedWrite], probes: Sequence[ProbeRow]) -> Check:
+    """Each timed write raised TurnTimeout (a TimeoutError), ended WITHDRAWN if its function
+    never started and ROLLED_BACK if it did, and left no row; the key served on afterwards."""
+    problems = [
+        f"{t.name} raised {t.raised or 'nothing'}, not TurnTimeout"
+        for t in timed
+        if t.raised != TurnTimeout.__name__
+    ]
+    problems += [
+        f"{t.name} ended {t.outcome.value} although its function "
+        f"{'started' if t.started else 'never started'}"
+        for t in timed
+        if t.outcome is not (Outcome.ROLLED_BACK if t.started else Outcome.WITHDRAWN)
+    ]
+    names = Counter(p.name for p in probes if p.kind == "timeout")
+    problems += [f"{t.name} timed out but its row exists" for t in timed if names[t.name]]
+    if names["holder"] != 1 or names["after"] != 1:
+        problems.append(
+            f"the writes before and after the timeouts left {names['holder']} and "
+            f"{names['after']} rows, not 1 and 1"
+        )
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Check(8, "timeouts", False, problems[0] + more)
+    queued = [t for t in timed if not t.started]
+    running = [t for t in timed if t.started]
+    return Check(
+        8,
+        "timeouts",
+        True,
+        f"{len(timed)} writes with timeout= raised TurnTimeout: {len(queued)} expired in the "
+        f"queue (withdrawn), {len(running)} inside their function (rolled back); none written, "
+        "the next write on the key committed",
+    )
+
+
+def check_counts(results: Sequence[WriteResult], total: int) -> Check:
+    """Every write has one outcome; every planned cancellation was sent, or its write ran
+    before the cancellation's moment (and committed); every write nobody cancelled committed."""
+    problems: list[str] = []
+    if len(results) != total:
+        problems.append(f"{len(results)} outcomes for {total} writes")
+    planned = [r for r in results if r.planned is not CancelMode.NONE]
+    unsent = [r for r in planned if not r.cancel_sent]
+    problems += [
+        f"{r.writer} #{r.seq}: its {r.planned.value} cancellation was never sent, yet it "
+        f"ended {r.outcome.value}"
+        for r in unsent
+        if r.outcome is not Outcome.COMMITTED
+    ]
+    problems += [
+        f"{r.writer} #{r.seq}: nobody cancelled it, yet it ended {r.outcome.value}"
+        for r in results
+        if r.planned is CancelMode.NONE and r.outcome is not Outcome.COMMITTED
+    ]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Check(0, "counts", False, problems[0] + more)
+    seen = Counter(r.outcome for r in results)
+    parts = " + ".join(f"{seen[o]} {label}" for o, label in _OUTCOME_COLUMNS if seen[o])
+    sent = len(planned) - len(unsent)
+    return Check(
+        0,
+        "counts",
+        True,
+        f"{total} writes = {parts or '0'}; {len(planned)} cancellations planned = {sent} sent "
+        f"+ {len(unsent)} whose write had already run (committed); "
+        "every write nobody cancelled committed",
     )
 
 
@@ -478,9 +694,9 @@ def check_stats(stats: SerializerStats, results: Sequence[WriteResult], cancels_
             f"{invalidated} connections invalidated for {stats.cancel_requests} cancellations"
         )
     if problems:
-        return Check(7, "stats", False, "; ".join(problems))
+        return Check(0, "stats", False, "; ".join(problems))
     return Check(
-        7,
+        0,
         "stats",
         True,
         f"counters match the handles; {stats.cancel_requests} cancellations cost "
@@ -516,14 +732,21 @@ class DemoReport:
     elapsed: float
     unexpected: tuple[str, ...] = ()  # errors other than the demo's own cancellations
     stalled: int = 0
+    results: tuple[WriteResult, ...] = ()  # every write of the race, in submission order
+    kept: bool = False  # the demo's tables were left in the database
 
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks) and not self.failures
 
     @property
+    def planned(self) -> dict[CancelMode, int]:
+        """Cancellations planned, by how."""
+        return dict(Counter(r.planned for r in self.results if r.planned is not CancelMode.NONE))
+
+    @property
     def failures(self) -> tuple[str, ...]:
-        """Problems outside the seven checks: a stalled run, unexpected errors."""
+        """Problems outside the checks: a stalled run, unexpected errors."""
         found = list(self.unexpected[:3])
         if self.stalled:
             found.insert(
@@ -545,16 +768,26 @@ def letters_for(writers: Iterable[str]) -> dict[str, str]:
 
 def format_report(report: DemoReport, *, quiet: bool = False) -> str:
     """The report as text a person reads at a glance."""
-    parts = [] if quiet else [_header(report), _strips(report), _outcome_table(report)]
+    parts = (
+        []
+        if quiet
+        else [_header(report), _strips(report), _outcome_table(report), _cancel_table(report)]
+    )
     parts.append(_verdicts(report))
     return "\n\n".join(parts)
 
 
 def _header(r: DemoReport) -> str:
-    where = " (temporary file, removed afterwards)" if r.temporary else ""
+    if r.temporary:
+        where = " (temporary file, removed afterwards)"
+    else:
+        where = " (the demo's tables kept)" if r.kept else " (the demo's tables dropped afterwards)"
     others = len(r.keys) - 1
     keys = f'hot key "{HOT_KEY}"' + (f" + {others} other key{'s' * (others > 1)}" if others else "")
-    sent = ", ".join(f"{r.cancels.get(m, 0)} {label}" for m, label in _CANCEL_LABELS)
+    planned = r.planned
+    sent = f"{sum(planned.values())} cancellations planned: " + ", ".join(
+        f"{planned.get(m, 0)} {label}" for m, label in _CANCEL_LABELS
+    )
     return "\n".join(
         [
             "writeturn demo",
@@ -611,6 +844,34 @@ def _outcome_table(r: DemoReport) -> str:
     return "\n".join(lines)
 
 
+def _cancel_table(r: DemoReport) -> str:
+    """Planned cancellations against outcomes: each row adds up to its planned count."""
+    rows: list[tuple[str, list[WriteResult]]] = [
+        (label, [x for x in r.results if x.planned is mode]) for mode, label in _CANCEL_LABELS
+    ]
+    rows.append(("not cancelled", [x for x in r.results if x.planned is CancelMode.NONE]))
+    rows.append(("all writes", list(r.results)))
+    width = max(len(label) for label, _ in rows) + 2
+    heads = ["planned", "sent", *(label for _, label in _OUTCOME_COLUMNS)]
+    lines = ["Cancellations".ljust(width + 2) + "  ".join(heads)]
+    for label, found in rows:
+        cancelled = label not in ("not cancelled", "all writes")
+        outcomes = Counter(x.outcome for x in found)
+        cells = [
+            str(len(found)),
+            str(sum(x.cancel_sent for x in found)) if cancelled else "-",
+            *(str(outcomes[o]) for o, _ in _OUTCOME_COLUMNS),
+        ]
+        lines.append(
+            f"  {label.ljust(width)}"
+            + "  ".join(c.rjust(len(h)) for c, h in zip(cells, heads, strict=True))
+        )
+    lines.append(
+        "  (a planned cancellation is not sent when its write had already run; it committed)"
+    )
+    return "\n".join(lines)
+
+
 def _outcome_line(name: str, width: int, counts: Mapping[Outcome, int]) -> str:
     cells = "  ".join(str(counts.get(o, 0)).rjust(len(label)) for o, label in _OUTCOME_COLUMNS)
     return f"  {name.ljust(width)}{cells}"
@@ -619,17 +880,21 @@ def _outcome_line(name: str, width: int, counts: Mapping[Outcome, int]) -> str:
 def _verdicts(r: DemoReport) -> str:
     lines = ["Guarantees, checked against the database:"]
     lines += [
-        f"  {'PASS' if c.passed else 'FAIL'}  {c.number} {c.name.ljust(17)} {c.detail}"
+        f"  {'PASS' if c.passed else 'FAIL'}  {c.number or ' '} {c.name.ljust(17)} {c.detail}"
         for c in r.checks
     ]
     lines += [f"  FAIL  {problem}" for problem in r.failures]
-    failed = sum(not c.passed for c in r.checks)
+    guarantees = [c for c in r.checks if c.number]
+    failed = sum(not c.passed for c in guarantees)
+    books = [c.name for c in r.checks if not c.number and not c.passed]
     if r.passed:
-        verdict = f"All {len(r.checks)} guarantees hold"
+        verdict = f"All {len(guarantees)} guarantees hold, and the counts add up"
     elif r.stalled:
         verdict = "The run stalled: no verdict on the guarantees"
     elif failed:
-        verdict = f"{failed} of {len(r.checks)} guarantees FAILED"
+        verdict = f"{failed} of {len(guarantees)} guarantees FAILED"
+    elif books:
+        verdict = f"The guarantees hold, but the {' and the '.join(books)} do not add up"
     else:
         verdict = "Unexpected errors"
     lines.append(f"\n{verdict} ({r.elapsed:.1f} s).")
@@ -653,19 +918,41 @@ class _Live:
     def result(self) -> WriteResult:
         assert self.handle is not None
         p = self.plan
-        return WriteResult(p.writer, p.seq, p.key, self.handle.outcome, self.cancelled_while_queued)
+        return WriteResult(
+            p.writer,
+            p.seq,
+            p.key,
+            self.handle.outcome,
+            self.cancelled_while_queued,
+            planned=p.mode,
+            cancel_sent=self.cancel_sent,
+            raised=_raised(self.awaiter),
+        )
+
+
+def _raised(task: asyncio.Task[Any] | None) -> str:
+    """What ``task`` ended with: an exception's type name, or ``""`` if it returned."""
+    if task is None or not task.done():
+        return "(unsettled)"
+    if task.cancelled():
+        return "CancelledError"
+    error = task.exception()
+    return "" if error is None else type(error).__name__
 
 
 @dataclass
 class _Recorder:
-    """What the write functions note as they run: turns, writes in flight, due cancels."""
+    """What the write functions note as they run: turns, writes in flight, due cancels,
+    re-entrant attempts."""
 
     ser: WriteSerializer
+    sqlite: bool
     turns: list[Turn] = field(default_factory=list)
     turn_count: Counter[str] = field(default_factory=Counter)
     in_flight: Counter[str] = field(default_factory=Counter)
     max_in_flight: Counter[str] = field(default_factory=Counter)
     due: dict[tuple[str, int], list[_Live]] = field(default_factory=dict)
+    reentries: list[Reentry] = field(default_factory=list)
 
     def turn_started(self, live: _Live) -> None:
         key = live.plan.key
@@ -678,12 +965,25 @@ class _Recorder:
         self.turns.append(Turn(key, live.plan.writer, waiting, live.plan.seq))
         self.in_flight[key] += 1
         self.max_in_flight[key] = max(self.max_in_flight[key], self.in_flight[key])
-        if live.plan.mode is CancelMode.TIMEOUT and live.scope is not None:
-            live.cancel_sent = True
-            live.scope.reschedule(asyncio.get_running_loop().time() + live.plan.deadline)
 
     def turn_ended(self, live: _Live) -> None:
         self.in_flight[live.plan.key] -= 1
+
+    def try_reentry(self, live: _Live) -> None:
+        """From inside ``live``'s turn, start a write that would wait for that turn."""
+        p = live.plan
+        # On SQLite every key is re-entrant (one writer): try another key every other time.
+        inner = ELSEWHERE_KEY if self.sqlite and len(self.reentries) % 2 else p.key
+        raised = ""
+        try:
+            inner_handle = self.ser.submit(
+                _probe_write, "reentrant", f"{p.writer} #{p.seq}", key=inner, writer=p.writer
+            )
+        except Exception as exc:  # the check names whatever was raised
+            raised = type(exc).__name__
+        else:
+            inner_handle.cancel()  # it waits for this very turn: withdraw it, or it never ends
+        self.reentries.append(Reentry(p.writer, p.seq, p.key, inner, raised))
 
 
 def _cancel_if_queued(live: _Live) -> None:
@@ -692,10 +992,18 @@ def _cancel_if_queued(live: _Live) -> None:
         live.handle.cancel()
 
 
-def _cancel_awaiter(live: _Live, step: int) -> None:
-    if live.plan.mode is CancelMode.TASK and live.plan.at_step == step and live.awaiter:
+def _cancel_at(live: _Live, step: int) -> None:
+    """Send ``live``'s mid-write cancellation if this is its step: cancel the awaiting task,
+    or make the ``asyncio.timeout`` around the await expire now."""
+    p = live.plan
+    if p.at_step != step:
+        return
+    if p.mode is CancelMode.TASK and live.awaiter is not None:
         live.cancel_sent = True
         live.awaiter.cancel()
+    elif p.mode is CancelMode.TIMEOUT and live.scope is not None:
+        live.cancel_sent = True
+        live.scope.reschedule(asyncio.get_running_loop().time())
 
 
 async def _write(session: AsyncSession, rec: _Recorder, live: _Live) -> None:
@@ -703,13 +1011,15 @@ async def _write(session: AsyncSession, rec: _Recorder, live: _Live) -> None:
     p = live.plan
     rec.turn_started(live)
     try:
-        _cancel_awaiter(live, 0)
+        _cancel_at(live, 0)
         found = await session.execute(select(counter.c.value).where(counter.c.key == p.key))
         value: int = found.scalar_one()
-        _cancel_awaiter(live, 1)
+        _cancel_at(live, 1)
+        if p.reenter:
+            rec.try_reentry(live)
         await asyncio.sleep(p.pause)
         await session.execute(update(counter).where(counter.c.key == p.key).values(value=value + 1))
-        _cancel_awaiter(live, 2)
+        _cancel_at(live, 2)
         await session.execute(
             insert(ledger).values(
                 key=p.key, writer=p.writer, writer_seq=p.seq, balance_after=value + 1
@@ -717,6 +1027,10 @@ async def _write(session: AsyncSession, rec: _Recorder, live: _Live) -> None:
         )
     finally:
         rec.turn_ended(live)
+
+
+async def _probe_write(session: AsyncSession, kind: str, name: str) -> None:
+    await session.execute(insert(probe).values(kind=kind, name=name))
 
 
 async def _await_write(live: _Live) -> None:
@@ -739,22 +1053,129 @@ def _submit_all(ser: WriteSerializer, rec: _Recorder, plan: Sequence[PlannedWrit
     return lives
 
 
+async def _settle(
+    awaiters: Sequence[asyncio.Task[None]], time_limit: float, progress: Progress | None
+) -> set[asyncio.Task[None]]:
+    """Wait until every awaiter is done or ``time_limit`` passed; return those still pending."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + time_limit
+    pending = set(awaiters)
+    while pending:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(left, PROGRESS_INTERVAL))
+        if progress is not None:
+            progress(len(awaiters) - len(pending), len(awaiters))
+    return pending
+
+
+# -- the timeout probes ------------------------------------------------------------
+
+
+async def _hold(session: AsyncSession, started: asyncio.Event, release: asyncio.Event) -> None:
+    await session.execute(insert(probe).values(kind="timeout", name="holder"))
+    started.set()
+    await release.wait()
+
+
+async def _stall(session: AsyncSession, name: str, started: list[str]) -> None:
+    started.append(name)
+    await session.execute(insert(probe).values(kind="timeout", name=name))
+    await asyncio.Event().wait()  # never set: the write's timeout ends it
+
+
+def _ended(error: BaseException | None) -> str:
+    return "" if error is None else type(error).__name__
+
+
+async def _timeout_probes(ser: WriteSerializer) -> list[TimedWrite]:
+    """Writes with ``timeout=``: some expire behind a held turn, some inside their function."""
+    started: list[str] = []
+    timed: list[TimedWrite] = []
+    held, release = asyncio.Event(), asyncio.Event()
+    holder = ser.submit(_hold, held, release, key=DEADLINE_KEY, writer="holder")
+    try:
+        await held.wait()
+        queued = [
+            (
+                f"queued-{i}",
+                ser.submit(
+                    _stall,
+                    f"queued-{i}",
+                    started,
+                    key=DEADLINE_KEY,
+                    writer=f"queued-{i}",
+                    timeout=QUEUED_TIMEOUT,
+                ),
+            )
+            for i in range(1, TIMED_QUEUED + 1)
+        ]
+        ends = await asyncio.gather(*(h for _, h in queued), return_exceptions=True)
+        for (name, h), end in zip(queued, ends, strict=True):
+            ended = end if isinstance(end, BaseException) else None
+            timed.append(
+                TimedWrite(
+                    name, "queued", QUEUED_TIMEOUT, name in started, _ended(ended), h.outcome
+                )
+            )
+    finally:
+        release.set()
+    await holder
+    for i in range(1, TIMED_RUNNING + 1):
+        name = f"running-{i}"
+        h = ser.submit(
+            _stall, name, started, key=DEADLINE_KEY, writer=name, timeout=RUNNING_TIMEOUT
+        )
+        error: BaseException | None = None
+        try:
+            await h
+        except Exception as exc:  # the check names whatever was raised
+            error = exc
+        timed.append(
+            TimedWrite(name, "running", RUNNING_TIMEOUT, name in started, _ended(error), h.outcome)
+        )
+    await ser.run(_probe_write, "timeout", "after", key=DEADLINE_KEY, writer="after")
+    return timed
+
+
+# -- the database ------------------------------------------------------------------
+
+
 async def _prepare(engine: AsyncEngine, keys: Iterable[str]) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(_metadata.create_all)
-        await conn.execute(delete(ledger))
-        await conn.execute(delete(counter))
+        for table in (ledger, counter, probe):  # left by an earlier run with --keep
+            await conn.execute(delete(table))
         await conn.execute(insert(counter), [{"key": k, "value": 0} for k in keys])
 
 
-async def _read_back(engine: AsyncEngine) -> tuple[list[LedgerRow], dict[str, int]]:
+async def _drop(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(_metadata.drop_all)
+
+
+@dataclass(frozen=True)
+class _Database:
+    """What the database holds after the run."""
+
+    rows: list[LedgerRow]
+    counters: dict[str, int]
+    probes: list[ProbeRow]
+    leftovers: PgLeftovers | None
+
+
+async def _read_back(engine: AsyncEngine, postgres: bool) -> _Database:
     async with engine.connect() as conn:
         found = await conn.execute(select(ledger).order_by(ledger.c.id))
         rows = [LedgerRow(*r) for r in found]
         values = await conn.execute(select(counter.c.key, counter.c.value))
         counters = {k: v for k, v in values}
+        probed = await conn.execute(select(probe.c.kind, probe.c.name).order_by(probe.c.id))
+        probes = [ProbeRow(kind, name) for kind, name in probed]
         await conn.rollback()
-    return rows, counters
+    leftovers = await _pg_leftovers(engine) if postgres else None
+    return _Database(rows, counters, probes, leftovers)
 
 
 _PG_LEFTOVERS = text(
@@ -787,28 +1208,28 @@ def _unexpected(awaiters: Iterable[asyncio.Task[None]]) -> tuple[str, ...]:
     )
 
 
-@dataclass(frozen=True)
-class _Database:
-    """What the database holds after the run."""
-
-    rows: list[LedgerRow]
-    counters: dict[str, int]
-    leftovers: PgLeftovers | None
+# -- the whole run ------------------------------------------------------------------
 
 
-async def run_demo(options: DemoOptions) -> DemoReport:
-    """Run the demo on ``options.url`` (or a temporary SQLite file) and check every guarantee."""
+async def run_demo(options: DemoOptions, *, progress: Progress | None = None) -> DemoReport:
+    """Run the demo on ``options.url`` (or a temporary SQLite file) and check every guarantee.
+
+    ``progress``, if given, is called about twice a second while the race runs with
+    (writes settled, writes in all).
+    """
     if options.url is not None:
-        return await _run(options, normalize_url(options.url), temporary=False)
+        return await _run(options, normalize_url(options.url), progress, temporary=False)
     folder = tempfile.mkdtemp(prefix="writeturn-demo-")
     try:
         url = URL.create("sqlite+aiosqlite", database=str(Path(folder) / "demo.db"))
-        return await _run(options, url, temporary=True)
+        return await _run(options, url, progress, temporary=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def _run(options: DemoOptions, url: URL, *, temporary: bool) -> DemoReport:
+async def _run(
+    options: DemoOptions, url: URL, progress: Progress | None, *, temporary: bool
+) -> DemoReport:
     postgres = backend_of(url) == "postgresql"
     engine_options: dict[str, Any] = {}
     if postgres:  # lets the leftover checks tell the demo's sessions from any others
@@ -818,20 +1239,37 @@ async def _run(options: DemoOptions, url: URL, *, temporary: bool) -> DemoReport
     )
     started = time.perf_counter()
     database: _Database | None = None
+    timed: list[TimedWrite] = []
+    stalled: set[asyncio.Task[None]] = set()
+    abandoned = False  # stopped half-way: its writes may still hold the tables
     async with ser:
-        await _prepare(ser.engine, key_names(options.keys))
-        rec = _Recorder(ser)
-        lives = _submit_all(ser, rec, plan_writes(options))
-        awaiters = [live.awaiter for live in lives if live.awaiter is not None]
-        _, stalled = await asyncio.wait(awaiters, timeout=options.time_limit)
-        unexpected = _unexpected(awaiters)
-        stats = ser.stats()
-        if stalled:
-            await _abandon(ser)
-        else:
-            rows, counters = await _read_back(ser.engine)
-            leftovers = await _pg_leftovers(ser.engine) if postgres else None
-            database = _Database(rows, counters, leftovers)
+        try:
+            await _prepare(ser.engine, key_names(options.keys))
+            rec = _Recorder(ser, sqlite=not postgres)
+            lives = _submit_all(ser, rec, plan_writes(options))
+            awaiters = [live.awaiter for live in lives if live.awaiter is not None]
+            stalled = await _settle(awaiters, options.time_limit, progress)
+            unexpected = _unexpected(awaiters)
+            stats = ser.stats()  # of the race alone, before the timeout probes
+            if stalled:
+                abandoned = True
+                await _abandon(ser)
+            else:
+                try:
+                    async with asyncio.timeout(options.time_limit):
+                        timed = await _timeout_probes(ser)
+                except TimeoutError:  # a write with timeout= that never ended: no verdict
+                    unexpected += (
+                        f"the writes with timeout= had not ended after {options.time_limit:g} s",
+                    )
+                    abandoned = True
+                    await _abandon(ser)
+                else:
+                    database = await _read_back(ser.engine, postgres)
+        finally:
+            if not options.keep and not abandoned:
+                with contextlib.suppress(SQLAlchemyError, OSError):
+                    await _drop(ser.engine)
     return _report(
         options,
         redact(url),
@@ -840,9 +1278,11 @@ async def _run(options: DemoOptions, url: URL, *, temporary: bool) -> DemoReport
         rec,
         stats,
         database,
+        timed,
         elapsed=time.perf_counter() - started,
         stalled=len(stalled),
         unexpected=unexpected,
+        kept=options.keep or abandoned,
     )
 
 
@@ -860,10 +1300,12 @@ def _report(
     rec: _Recorder,
     stats: SerializerStats,
     database: _Database | None,
+    timed: Sequence[TimedWrite],
     *,
     elapsed: float,
     stalled: int,
     unexpected: tuple[str, ...],
+    kept: bool,
 ) -> DemoReport:
     results = [live.result() for live in lives]
     sent = Counter(live.plan.mode for live in lives if live.cancel_sent)
@@ -877,6 +1319,9 @@ def _report(
             check_handover(rec.max_in_flight, database.leftovers),
             check_cancellation(results, rows),
             check_outcome_truth(results, rows),
+            check_reentrancy(rec.reentries, database.probes, results),
+            check_timeouts(timed, database.probes),
+            check_counts(results, len(lives)),
             check_stats(stats, results, sum(sent.values())),
         )
     writers = tuple(writer_names(options.writers))
@@ -898,6 +1343,8 @@ def _report(
         elapsed=elapsed,
         unexpected=unexpected,
         stalled=stalled,
+        results=tuple(results),
+        kept=kept and not temporary,
     )
 
 
@@ -926,169 +1373,3 @@ def _outcomes_by_writer(results: Iterable[WriteResult]) -> dict[str, dict[Outcom
         row = table.setdefault(r.writer, {})
         row[r.outcome] = row.get(r.outcome, 0) + 1
     return table
-
-
-# -- command line ----------------------------------------------------------------------
-
-
-def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``writeturn demo`` to the CLI."""
-    parser = sub.add_parser(
-        "demo",
-        help="watch writers race on one hot key, with cancellations; check every guarantee",
-        description=(
-            "Several writers queue many read-then-write updates on one hot key at once while "
-            "a share of them is cancelled at random moments; then each guarantee is checked "
-            "against the database."
-        ),
-        epilog="exit status: 0 every guarantee holds, 1 a check failed (or the run did), "
-        "2 invalid usage",
-    )
-    parser.add_argument(
-        "--url",
-        type=_url_arg,
-        default=None,
-        help="database URL (default: a temporary SQLite file); a password in it is never printed",
-    )
-    parser.add_argument(
-        "--writers",
-        type=_int_arg("writers", 1, MAX_WRITERS),
-        default=4,
-        help="number of writers (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--writes",
-        type=_int_arg("writes", 1, MAX_WRITES),
-        default=50,
-        help="writes each writer queues at once (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cancel-rate",
-        type=_rate_arg,
-        default=0.3,
-        metavar="RATE",
-        help="share of the writes cancelled, from 0 to 1 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--coordination",
-        choices=("turn", "advisory"),
-        default="advisory",
-        help="how writes are coordinated (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=7, help="seed of the random plan (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--keys",
-        type=_int_arg("keys", 0, MAX_KEYS),
-        default=1,
-        help="other keys besides the hot one (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--time-limit",
-        type=_seconds_arg,
-        default=DEFAULT_TIME_LIMIT,
-        metavar="SECONDS",
-        help="give up (exit 1) if the writes have not settled by then (default: %(default)g)",
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="print only the guarantee lines and the verdict"
-    )
-    parser.set_defaults(func=_cli)
-
-
-def _url_arg(value: str) -> str:
-    try:
-        normalize_url(value)
-    except ConfigurationError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
-
-
-def _int_arg(name: str, lo: int, hi: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or not lo <= number <= hi:
-            raise argparse.ArgumentTypeError(
-                f"{name} must be a whole number from {lo} to {hi}, got {value!r}"
-            )
-        return number
-
-    parse.__name__ = name
-    return parse
-
-
-def _rate_arg(value: str) -> float:
-    try:
-        rate = float(value)
-    except ValueError:
-        rate = math.nan
-    if _rate_problem(rate):
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {value!r}")
-    return rate
-
-
-def _seconds_arg(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if _seconds_problem(seconds):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {value!r}")
-    return seconds
-
-
-def _cli(args: argparse.Namespace) -> int:
-    options = DemoOptions(
-        url=args.url,
-        writers=args.writers,
-        writes=args.writes,
-        cancel_rate=args.cancel_rate,
-        coordination=args.coordination,
-        seed=args.seed,
-        keys=args.keys,
-        time_limit=args.time_limit,
-    )
-    try:
-        report = _run_in_new_loop(options)
-    except (WriteturnError, SQLAlchemyError, OSError) as exc:
-        print(f"writeturn demo: error: {_describe(exc, args.url)}", file=sys.stderr)
-        return 1
-    print(format_report(report, quiet=args.quiet))
-    return 0 if report.passed else 1
-
-
-def _run_in_new_loop(options: DemoOptions) -> DemoReport:
-    """``asyncio.run(run_demo(options))``, except that the tasks of a stalled run
-    are left behind with the loop instead of being waited for forever."""
-    loop = asyncio.new_event_loop()
-    try:
-        report = loop.run_until_complete(run_demo(options))
-        if not report.stalled:
-            _finish_loop(loop)
-        return report
-    except BaseException:
-        _finish_loop(loop)
-        raise
-    finally:
-        loop.close()
-
-
-def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
-    leftover = asyncio.all_tasks(loop)
-    if leftover:
-        for task in leftover:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.run_until_complete(loop.shutdown_default_executor())
-
-
-def _describe(exc: BaseException, url: str | None) -> str:
-    """One line about ``exc``, with the URL's password masked."""
-    line = (str(exc) or type(exc).__name__).splitlines()[0]
-    password = normalize_url(url).password if url else None
-    return line.replace(str(password), "***") if password else line

@@ -31,15 +31,13 @@ A password in the URL is never printed.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import importlib.metadata
 import json
 import math
 import os
+import re
 import shlex
-import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +54,7 @@ from ._sqlite_connect import join_failed_connects
 from .dialects import lock_id
 from .errors import ConfigurationError, WriteturnError
 from .journal import TABLE as JOURNAL_TABLE
-from .migrations import DEFAULT_NAMESPACE, URL_ENV, current_async, history, lock_key
+from .migrations import DEFAULT_NAMESPACE, current_async, history, lock_key
 from .schema import VERSION_TABLE
 from .urls import Backend, backend_of, normalize_url, redact
 
@@ -64,10 +62,10 @@ __all__ = [
     "Check",
     "Status",
     "DEFAULT_IDLE_THRESHOLD",
+    "statement_kind",
     "diagnose",
     "format_text",
     "format_json",
-    "register_cli",
 ]
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -162,9 +160,12 @@ class _Options:
     namespace: str
     keys: tuple[str, ...]
     idle_threshold: float
+    show_queries: bool = False
 
     @classmethod
-    def checked(cls, namespace: str, keys: Iterable[str], idle_threshold: float) -> _Options:
+    def checked(
+        cls, namespace: str, keys: Iterable[str], idle_threshold: float, show_queries: bool
+    ) -> _Options:
         if not isinstance(namespace, str) or not namespace:
             raise ConfigurationError(f"namespace must be a non-empty string, not {namespace!r}")
         if isinstance(keys, str | bytes):
@@ -185,7 +186,9 @@ class _Options:
             raise ConfigurationError(
                 f"idle_threshold must be a non-negative number of seconds, not {idle_threshold!r}"
             )
-        return cls(namespace, tuple(dict.fromkeys(key_tuple)), float(idle_threshold))
+        return cls(
+            namespace, tuple(dict.fromkeys(key_tuple)), float(idle_threshold), bool(show_queries)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +215,29 @@ def _seconds(value: float) -> str:
     return f"{value / 3600:.1f}h"
 
 
-def _query_text(query: str | None) -> str:
+def _query_text(query: str | None, show: bool) -> str:
+    """Another session's statement: its kind only (SELECT, INSERT, ...) unless ``show``,
+    since its text may carry literals (tokens, personal data) an operator should not see."""
     if query is None:
         return "(not visible to the doctor's role: grant it pg_read_all_stats)"
+    if not show:
+        return f"{statement_kind(query)} (text hidden; --show-queries shows it)"
     flat = " ".join(query.split())
     return flat if len(flat) <= _QUERY_SHOWN else flat[: _QUERY_SHOWN - 3] + "..."
+
+
+_LEADING_NOISE = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*", re.S)
+_FIRST_WORD = re.compile(r"[A-Za-z]+")
+
+
+def statement_kind(query: str) -> str:
+    """The first keyword of ``query`` (``SELECT``, ``INSERT``, ...), past comments and
+    parentheses; ``(empty)`` or ``(unknown)`` when there is none."""
+    rest = _LEADING_NOISE.sub("", query, count=1)
+    if not rest:
+        return "(empty)"
+    word = _FIRST_WORD.match(rest)
+    return word.group(0).upper()[:20] if word else "(unknown)"
 
 
 def _app(name: str | None) -> str:
@@ -587,13 +608,14 @@ def _waiters(key: int | tuple[int, int], locks: Sequence[_AdvisoryLock]) -> str:
 
 
 def _judge_idle_holder(
-    name: str, lock: _AdvisoryLock, label: str, waiting: str, idle: float, threshold: float
+    name: str, lock: _AdvisoryLock, label: str, waiting: str, idle: float, options: _Options
 ) -> Check:
     """A lock whose holder sits idle: leaked beyond the threshold, a warning below it."""
     detail = (
         f"{label} is held by {lock.holder()}, idle for {_seconds(idle)} while holding it"
-        f"{waiting}; last query: {_query_text(lock.query)}"
+        f"{waiting}; last query: {_query_text(lock.query, options.show_queries)}"
     )
+    threshold = options.idle_threshold
     if lock.state == "idle":  # only a session-level lock outlives its transaction
         cause = (
             "fix the holder so it releases the lock (pg_advisory_unlock), or make it take "
@@ -608,7 +630,7 @@ def _judge_idle_holder(
 
 
 def _judge_lock(
-    name: str, lock: _AdvisoryLock, label: str, locks: Sequence[_AdvisoryLock], threshold: float
+    name: str, lock: _AdvisoryLock, label: str, locks: Sequence[_AdvisoryLock], options: _Options
 ) -> Check:
     """Rate one held lock: leaked (idle beyond the threshold), suspicious, or fine."""
     waiting = _waiters(lock.key, locks)
@@ -621,7 +643,7 @@ def _judge_lock(
         )
     idle = lock.idle_for()
     if idle is not None:
-        return _judge_idle_holder(name, lock, label, waiting, idle, threshold)
+        return _judge_idle_holder(name, lock, label, waiting, idle, options)
     if lock.state is None:
         return Check(
             name,
@@ -630,8 +652,10 @@ def _judge_lock(
             f"{waiting}",
             "run the doctor as a role with pg_read_all_stats (or a superuser) to see the holder",
         )
-    detail = f"{label} is held by {lock.holder()}{waiting}; query: {_query_text(lock.query)}"
+    query = _query_text(lock.query, options.show_queries)
+    detail = f"{label} is held by {lock.holder()}{waiting}; query: {query}"
     running = lock.xact_age
+    threshold = options.idle_threshold
     if running is not None and running > threshold:
         return Check(
             name,
@@ -670,10 +694,10 @@ async def _check_pg_locks(conn: AsyncConnection, ctx: _Context) -> list[Check]:
         label = _lock_label(key, names)
         if not holders:
             checks.append(_ok(name, f"{label} is free{_waiters(key, locks)}"))
-        checks += [_judge_lock(name, lk, label, locks, threshold) for lk in holders]
+        checks += [_judge_lock(name, lk, label, locks, options) for lk in holders]
     named_keys = {key for _, key in named}
     others = [
-        _judge_lock(f"advisory lock {lk.key}", lk, _lock_label(lk.key, names), locks, threshold)
+        _judge_lock(f"advisory lock {lk.key}", lk, _lock_label(lk.key, names), locks, options)
         for lk in locks
         if lk.granted and lk.key not in named_keys
     ]
@@ -682,14 +706,16 @@ async def _check_pg_locks(conn: AsyncConnection, ctx: _Context) -> list[Check]:
     return [_locks_inventory(locks, problems, threshold), *checks]
 
 
-def _judge_idle_session(row: Sequence[Any], threshold: float) -> Check:
+def _judge_idle_session(row: Sequence[Any], options: _Options) -> Check:
     pid, app, state, query, idle_age, xact_age = row
     idle = float(idle_age or 0.0)
+    threshold = options.idle_threshold
     over = idle > threshold
     detail = (
         f"pid {pid} (application {_app(app)}) is {state} for {_seconds(idle)}"
         f"{f' (longer than {_seconds(threshold)})' if over else ''}, its transaction open for "
-        f"{_seconds(float(xact_age or idle))}; last query: {_query_text(query)}"
+        f"{_seconds(float(xact_age or idle))}; "
+        f"last query: {_query_text(query, options.show_queries)}"
     )
     fix = (
         "make the application commit or roll back promptly (no slow awaits inside a "
@@ -704,7 +730,7 @@ async def _check_pg_idle_sessions(conn: AsyncConnection, ctx: _Context) -> list[
     await conn.rollback()
     if not rows:
         return [_ok("idle in transaction", "no session of this database is idle in a transaction")]
-    return [_judge_idle_session(tuple(row), ctx.options.idle_threshold) for row in rows]
+    return [_judge_idle_session(tuple(row), ctx.options) for row in rows]
 
 
 POSTGRES_CHECKS: tuple[tuple[str, _CheckFn], ...] = (
@@ -796,19 +822,22 @@ async def diagnose(
     namespace: str = DEFAULT_NAMESPACE,
     keys: Iterable[str] = (),
     idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
+    show_queries: bool = False,
 ) -> list[Check]:
     """Check the database at ``url``; return one :class:`Check` per finding.
 
     ``namespace`` is the serializer's namespace (it names the migration lock
     and the write locks); ``keys`` are write keys whose advisory locks to
     report by name (Postgres); a lock holder idle longer than
-    ``idle_threshold`` seconds holds a leaked lock. Raises
+    ``idle_threshold`` seconds holds a leaked lock. Other sessions' statements
+    are shown by their kind (``SELECT``, ``INSERT``, ...); their text, which may
+    carry secrets in its literals, only with ``show_queries``. Raises
     :class:`~writeturn.errors.UnsupportedDatabase` for a URL writeturn does
     not support and :class:`~writeturn.errors.ConfigurationError` for a bad
     option; an unreachable database is a ``FAIL`` check, not an exception.
     """
     normalized = normalize_url(url)
-    options = _Options.checked(namespace, keys, idle_threshold)
+    options = _Options.checked(namespace, keys, idle_threshold, show_queries)
     backend = backend_of(normalized)
     engine = _engine(normalized, backend)
     path = _sqlite_path(normalized) if backend == "sqlite" else None
@@ -823,58 +852,7 @@ async def diagnose(
     return [_check_drivers(backend), *found]
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def _non_negative_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds: {value!r}")
-    return seconds
-
-
-def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``writeturn doctor`` to the CLI."""
-    parser = sub.add_parser(
-        "doctor",
-        help="check a database: versions, settings, migrations, leaked locks and transactions",
-        description=(
-            "Check a database writeturn writes to and report each finding as OK, WARN or "
-            "FAIL, with the fix for each problem. It only reads (on SQLite, SQLite itself "
-            "rolls back a crashed writer's hot journal when the file is opened)."
-        ),
-        epilog="exit status: 0 nothing FAILed (WARNs allowed), 1 a check FAILed (or the "
-        "database is unreachable), 2 invalid usage",
-    )
-    parser.add_argument(
-        "--url", help=f"database URL (default: ${URL_ENV}); a password in it is never printed"
-    )
-    parser.add_argument(
-        "--namespace",
-        default=DEFAULT_NAMESPACE,
-        help="the serializer's namespace, which names its locks (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--key",
-        action="append",
-        default=[],
-        dest="keys",
-        metavar="KEY",
-        help="a write key whose advisory lock to report by name (Postgres); repeatable",
-    )
-    parser.add_argument(
-        "--idle-threshold",
-        type=_non_negative_seconds,
-        default=DEFAULT_IDLE_THRESHOLD,
-        metavar="SECONDS",
-        help="an advisory lock or transaction idle longer than this is leaked "
-        "(default: %(default)g)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
-    parser.set_defaults(func=_cli_main)
+# --------------------------------------------------------------------------- rendering
 
 
 def format_text(url: str | URL, checks: Sequence[Check]) -> str:
@@ -897,26 +875,3 @@ def format_json(checks: Sequence[Check]) -> str:
         [{"check": c.name, "status": c.status, "detail": c.detail, "fix": c.fix} for c in checks],
         indent=2,
     )
-
-
-def _cli_main(args: argparse.Namespace) -> int:
-    raw: str | None = args.url or os.environ.get(URL_ENV)
-    try:
-        if not raw:
-            raise ConfigurationError(
-                f"no database URL: pass --url URL or set {URL_ENV} "
-                "(e.g. sqlite:///./app.db or postgresql://user@host/db)"
-            )
-        checks = asyncio.run(
-            diagnose(
-                raw, namespace=args.namespace, keys=args.keys, idle_threshold=args.idle_threshold
-            )
-        )
-    except ConfigurationError as exc:
-        print(f"writeturn doctor: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # no traceback: it could quote the URL, password included
-        print(f"writeturn doctor: error: {_error_text(exc, raw)}", file=sys.stderr)
-        return 1
-    print(format_json(checks) if args.json else format_text(raw, checks))
-    return 1 if any(c.status == "FAIL" for c in checks) else 0

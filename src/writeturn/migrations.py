@@ -9,7 +9,8 @@ Three layers:
 * :func:`upgrade`, :func:`downgrade`, :func:`current`, :func:`history` (and the
   ``*_async`` variants): run the library's Alembic scripts programmatically,
   from a source checkout or an installed wheel.
-* :func:`register_cli`: the ``writeturn migrate`` command.
+* :func:`history_lines` and :func:`head_revision`: what ``writeturn migrate`` shows
+  (the command itself is ``writeturn.cli.migrate``).
 
 The Alembic environment (``env.py`` of the scripts) serves both the
 ``alembic`` command and this module; settings travel in
@@ -19,7 +20,6 @@ database password is never written anywhere.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -27,9 +27,8 @@ import importlib.resources
 import logging
 import math
 import os
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +47,7 @@ from sqlalchemy.pool import NullPool
 from ._sqlite_connect import join_failed_connects
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
-from .urls import Backend, backend_of, normalize_url, redact
+from .urls import URL_ENV, Backend, backend_of, normalize_url, redact
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -68,15 +67,14 @@ __all__ = [
     "upgrade_async",
     "downgrade_async",
     "current_async",
-    "register_cli",
+    "head_revision",
+    "history_lines",
 ]
 
 log = logging.getLogger("writeturn")
 
 DEFAULT_NAMESPACE = "writeturn"
 DEFAULT_LOCK_TIMEOUT = 60.0
-#: Environment variable naming the database when no URL is given.
-URL_ENV = "WRITETURN_DATABASE_URL"
 #: Test-only: seconds env.py sleeps after applying each revision, still inside
 #: the locked region and the open transaction, so tests can make runs overlap.
 TEST_DELAY_ENV = "WRITETURN_MIGRATION_TEST_DELAY"
@@ -809,109 +807,14 @@ def current(url_or_engine: UrlOrEngine) -> str | None:
     return asyncio.run(_current(url_or_engine, detach=True))
 
 
-# --------------------------------------------------------------------------- CLI
+def head_revision(*, script_location: str | os.PathLike[str] | None = None) -> str | None:
+    """The newest revision of the scripts (None if there are none)."""
+    return _script_directory(script_location).get_current_head()
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {value!r}")
-    return seconds
-
-
-def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``writeturn migrate`` (upgrade, downgrade, current, history) to the CLI."""
-    database = argparse.ArgumentParser(add_help=False)
-    database.add_argument(
-        "--url",
-        help=f"database URL (default: ${URL_ENV}); a password in it is never printed",
-    )
-    locking = argparse.ArgumentParser(add_help=False)
-    locking.add_argument(
-        "--namespace",
-        default=DEFAULT_NAMESPACE,
-        help="namespace of the migration lock (default: %(default)s)",
-    )
-    locking.add_argument(
-        "--lock-timeout",
-        type=_positive_seconds,
-        default=DEFAULT_LOCK_TIMEOUT,
-        metavar="SECONDS",
-        help="how long to wait for another migrator to finish (default: %(default)g)",
-    )
-    parser = sub.add_parser(
-        "migrate",
-        help="create or update writeturn's own tables",
-        description=(
-            "Apply or inspect the migrations of writeturn's own tables. Concurrent runs "
-            "against one database apply each revision once: each waits for the migration lock."
-        ),
-        epilog="exit status: 0 success, 1 failure (e.g. lock timeout, unreachable database), "
-        "2 invalid usage or configuration",
-    )
-    actions = parser.add_subparsers(dest="migrate_action", metavar="ACTION")
-    actions.required = True
-    up = actions.add_parser(
-        "upgrade", parents=[database, locking], help="apply migrations up to REV (default: head)"
-    )
-    up.add_argument("revision", nargs="?", default="head", metavar="REV")
-    down = actions.add_parser(
-        "downgrade", parents=[database, locking], help="revert migrations down to REV (e.g. base)"
-    )
-    down.add_argument("revision", metavar="REV")
-    actions.add_parser("current", parents=[database], help="show the database's revision")
-    actions.add_parser("history", help="list the available revisions, oldest first")
-    parser.set_defaults(func=_cli_main)
-
-
-def _cli_main(args: argparse.Namespace) -> int:
-    action: str = args.migrate_action
-    password: str | None = None
-    try:
-        if action == "history":
-            for line in _history_lines():
-                print(line)
-            return 0
-        raw = args.url or os.environ.get(URL_ENV)
-        if not raw:
-            raise ConfigurationError(
-                f"no database URL: pass --url URL or set {URL_ENV} "
-                "(e.g. sqlite:///./app.db or postgresql://user@host/db)"
-            )
-        url = normalize_url(raw)
-        password = url.password if isinstance(url.password, str) else None
-        print(_cli_action(action, url, args))
-        return 0
-    except ConfigurationError as exc:
-        _cli_error(action, exc, password)
-        return 2
-    except Exception as exc:
-        _cli_error(action, exc, password)
-        return 1
-
-
-def _cli_action(action: str, url: URL, args: argparse.Namespace) -> str:
-    shown = redact(url)
-    head = _script_directory().get_current_head()
-
-    def at(revision: str | None) -> str:
-        return f"{revision or 'base'}{' (head)' if revision == head else ''}"
-
-    if action == "current":
-        return at(current(url))
-    run: Callable[..., MigrationResult] = upgrade if action == "upgrade" else downgrade
-    result = run(url, args.revision, namespace=args.namespace, lock_timeout=args.lock_timeout)
-    verb = "applied" if action == "upgrade" else "reverted"
-    if not result.steps:
-        return f"nothing to do: {shown} is at {at(result.revision)}"
-    return f"{verb} {', '.join(result.steps)} on {shown}; now at {at(result.revision)}"
-
-
-def _history_lines() -> list[str]:
-    script = _script_directory()
+def history_lines(*, script_location: str | os.PathLike[str] | None = None) -> list[str]:
+    """One line per revision, oldest first: ``parent -> revision (head), description``."""
+    script = _script_directory(script_location)
     heads = set(script.get_heads())
     lines = []
     for rev in reversed(list(script.walk_revisions())):
@@ -920,13 +823,3 @@ def _history_lines() -> list[str]:
         mark = " (head)" if rev.revision in heads else ""
         lines.append(f"{parent} -> {rev.revision}{mark}, {rev.doc}")
     return lines
-
-
-def _cli_error(action: str, exc: BaseException, password: str | None) -> None:
-    if isinstance(exc, WriteturnError):
-        message = " ".join(str(exc).split())
-    else:
-        message = f"{type(exc).__name__}: {_first_line(exc)}"
-    if password:
-        message = message.replace(password, "***")
-    print(f"writeturn migrate {action}: error: {message}", file=sys.stderr)

@@ -14,9 +14,12 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import UnsupportedDatabase
 
-__all__ = ["Backend", "normalize_url", "redact", "backend_of", "describe_error"]
+__all__ = ["URL_ENV", "Backend", "normalize_url", "redact", "backend_of", "describe_error"]
 
 Backend = Literal["sqlite", "postgresql"]
+
+#: The environment variable naming the database when a command gets no ``--url``.
+URL_ENV = "WRITETURN_DATABASE_URL"
 
 _DRIVERS: dict[str, tuple[Backend, str]] = {
     "sqlite": ("sqlite", "sqlite+aiosqlite"),

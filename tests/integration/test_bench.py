@@ -17,11 +17,13 @@ from writeturn.bench import (
     BenchResults,
     CellResult,
     batch_support,
+    latency_plot_path,
     print_results,
     run_bench,
     write_json,
     write_plot,
 )
+from writeturn.bench._report import plot_figures
 from writeturn.cli import main
 
 WRITETURN = ("turn", "advisory", "batch")
@@ -134,5 +136,10 @@ async def test_memory_and_plot(sqlite_url: str, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
     write_plot(results, png)
-    assert png.stat().st_size > 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for saved in (png, latency_plot_path(png)):
+        assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    throughput, latency = plot_figures(results)
+    for ax in throughput.get_axes():
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8"]
+        assert {line.get_label() for line in ax.get_lines()} == {"raw", "turn"}
+    assert [t.get_text() for t in latency.get_axes()[0].get_xticklabels()] == ["turn"]

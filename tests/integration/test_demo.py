@@ -10,25 +10,35 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from writeturn import Outcome
 from writeturn.cli import main
 from writeturn.demo import (
     HOT_KEY,
+    CancelMode,
     Check,
     DemoOptions,
     LedgerRow,
     PgLeftovers,
+    ProbeRow,
+    Reentry,
+    TimedWrite,
     Turn,
     WriteResult,
     check_alternation,
     check_cancellation,
+    check_counts,
     check_handover,
     check_mutual_exclusion,
     check_order,
     check_outcome_truth,
+    check_reentrancy,
     check_stats,
+    check_timeouts,
+    format_report,
     longest_run,
     plan_writes,
     run_demo,
@@ -43,8 +53,10 @@ GUARANTEES = (
     "clean hand-over",
     "cancellation",
     "outcome truth",
-    "stats",
+    "re-entrancy",
+    "timeouts",
 )
+BOOKKEEPING = ("counts", "stats")
 PASSWORD = "pw_s3cret"
 SMALL = ["--writers", "3", "--writes", "30"]
 
@@ -68,8 +80,10 @@ def run_module(args: list[str]) -> subprocess.CompletedProcess[str]:
 def assert_all_pass(output: str) -> None:
     for number, name in enumerate(GUARANTEES, 1):
         assert re.search(rf"^  PASS  {number} {re.escape(name)} ", output, re.M), output
+    for name in BOOKKEEPING:
+        assert re.search(rf"^  PASS    {name} ", output, re.M), output
     assert "FAIL" not in output, output
-    assert "All 7 guarantees hold" in output
+    assert "All 8 guarantees hold, and the counts add up" in output
 
 
 def commit_strip(output: str) -> str:
@@ -143,7 +157,7 @@ def test_an_unreachable_database_is_an_error_without_the_password() -> None:
 
 async def test_run_demo_returns_the_checks(sqlite_url: str) -> None:
     report = await run_demo(DemoOptions(url=sqlite_url, writers=2, writes=20, cancel_rate=0.5))
-    assert [c.name for c in report.checks] == list(GUARANTEES)
+    assert [c.name for c in report.checks] == [*GUARANTEES, *BOOKKEEPING]
     assert report.passed, report.checks
     assert not report.stalled and not report.unexpected
     committed = sum(o.get(Outcome.COMMITTED, 0) for o in report.outcomes.values())
@@ -193,8 +207,6 @@ def test_the_plan_depends_on_the_seed_alone() -> None:
         (["--coordination", "lock"], "invalid choice"),
         (["--keys", "-1"], "keys must be a whole number from 0 to 10"),
         (["--time-limit", "0"], "above 0"),
-        (["--url", "mysql://u@h/db"], "unsupported database URL"),
-        (["--url", f"mysql://u:{PASSWORD}@h/db"], "unsupported database URL"),
     ],
 )
 def test_invalid_options_exit_2(
@@ -205,6 +217,16 @@ def test_invalid_options_exit_2(
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err
+    assert PASSWORD not in err
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", f"mysql://u:{PASSWORD}@h/db"])
+def test_an_unsupported_url_exits_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--url", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("writeturn demo: error: unsupported database URL"), err
+    assert len(err.splitlines()) == 1
     assert PASSWORD not in err
 
 
@@ -335,4 +357,166 @@ def test_stats_fail_when_they_disagree_with_the_handles() -> None:
     )
     assert "1 queued and 0 running" in fails(
         check_stats(stats(committed=1, withdrawn=1, cancel_requests=1, queued=1), results, 1)
+    )
+
+
+# -- the same seed, the same report; the tables; progress ---------------------------------
+
+
+def without_timings(text: str) -> str:
+    """The report minus what may differ between two runs: the elapsed time and the file."""
+    lines = text.splitlines()
+    return "\n".join(
+        re.sub(r"\(\d+\.\d s\)\.$", "", line) for line in lines if "  database  " not in line
+    )
+
+
+async def test_the_same_seed_gives_the_same_report(db_url: str) -> None:
+    url = db_url
+    options = DemoOptions(url=url, writers=5, writes=60, keys=2, seed=11)
+    first = await run_demo(options)
+    second = await run_demo(options)
+    assert first.passed and second.passed, first.checks
+    assert without_timings(format_report(first)) == without_timings(format_report(second))
+    assert first.results == second.results
+    # ...and a different seed gives a different race.
+    other = await run_demo(DemoOptions(url=url, writers=5, writes=60, keys=2, seed=12))
+    assert other.results != first.results
+
+
+async def demo_tables(url: str) -> set[str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda c: inspect(c).get_table_names())
+    finally:
+        await engine.dispose()
+    return {n for n in names if n.startswith("writeturn_demo_")}
+
+
+async def test_the_tables_are_dropped_unless_kept(db_url: str) -> None:
+    report = await run_demo(DemoOptions(url=db_url, writers=2, writes=10))
+    assert report.passed and not report.kept
+    assert await demo_tables(db_url) == set()
+    kept = await run_demo(DemoOptions(url=db_url, writers=2, writes=10, keep=True))
+    assert kept.passed and kept.kept
+    tables = {"writeturn_demo_ledger", "writeturn_demo_counter", "writeturn_demo_probe"}
+    assert await demo_tables(db_url) == tables
+    # A kept ledger is the run's: one row per committed write.
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            count = (await conn.execute(text("SELECT count(*) FROM writeturn_demo_ledger"))).one()
+    finally:
+        await engine.dispose()
+    assert count[0] == kept.stats.committed
+    # The next run starts from empty tables, and drops them again.
+    again = await run_demo(DemoOptions(url=db_url, writers=2, writes=10))
+    assert again.passed
+    assert await demo_tables(db_url) == set()
+
+
+def test_keep_through_the_cli(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(["--url", sqlite_url, *SMALL, "--keep"], capsys)
+    assert code == 0, out
+    assert "(the demo's tables kept)" in out
+    code, out = run_cli(["--url", sqlite_url, *SMALL], capsys)
+    assert code == 0, out
+    assert "(the demo's tables dropped afterwards)" in out
+
+
+async def test_progress_is_reported_until_every_write_settled(sqlite_url: str) -> None:
+    seen: list[tuple[int, int]] = []
+    report = await run_demo(
+        DemoOptions(url=sqlite_url, writers=4, writes=150), progress=lambda *a: seen.append(a)
+    )
+    assert report.passed
+    assert seen, "no progress was reported"
+    assert seen[-1] == (600, 600)
+    assert all(total == 600 for _, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+async def test_the_counts_add_up(sqlite_url: str) -> None:
+    report = await run_demo(DemoOptions(url=sqlite_url, writers=4, writes=60, cancel_rate=0.5))
+    assert report.passed, report.checks
+    results = report.results
+    assert len(results) == 240
+    planned = [r for r in results if r.planned is not CancelMode.NONE]
+    assert sum(report.planned.values()) == len(planned) > 0
+    assert sum(report.cancels.values()) == sum(r.cancel_sent for r in planned)
+    not_committed = [r for r in results if r.outcome is not Outcome.COMMITTED]
+    # Every write that did not commit was a cancellation that was sent.
+    assert all(r.cancel_sent for r in not_committed)
+    assert report.stats.committed + len(not_committed) == 240
+    text_report = format_report(report)
+    assert re.search(rf"^  all writes +240 +- +{report.stats.committed} ", text_report, re.M)
+
+
+# -- the new checks fail on bad data ---------------------------------------------------------
+
+
+def test_reentrancy_fails_when_an_attempt_was_queued_or_ran() -> None:
+    ok = Reentry("A", 0, HOT_KEY, HOT_KEY, "ReentrantWriteError")
+    assert check_reentrancy([ok], [], committed(("A", 0))).passed
+    queued = Reentry("A", 0, HOT_KEY, HOT_KEY, "")
+    assert "raised nothing (the write was queued behind its own turn)" in fails(
+        check_reentrancy([queued], [], committed(("A", 0)))
+    )
+    ran = [ProbeRow("reentrant", "A #0")]
+    assert "1 re-entrant writes ran" in fails(check_reentrancy([ok], ran, committed(("A", 0))))
+    rolled_back = [WriteResult("A", 0, HOT_KEY, Outcome.ROLLED_BACK)]
+    assert "ended rolled_back after its attempt" in fails(check_reentrancy([ok], [], rolled_back))
+
+
+def timed(name: str, started: bool, raised: str, outcome: Outcome) -> TimedWrite:
+    return TimedWrite(name, "running" if started else "queued", 0.1, started, raised, outcome)
+
+
+BOOKENDS = [ProbeRow("timeout", "holder"), ProbeRow("timeout", "after")]
+
+
+def test_timeouts_fail_on_a_wrong_outcome_exception_or_row() -> None:
+    good = [
+        timed("queued-1", False, "TurnTimeout", Outcome.WITHDRAWN),
+        timed("running-1", True, "TurnTimeout", Outcome.ROLLED_BACK),
+    ]
+    assert check_timeouts(good, BOOKENDS).passed
+    assert "raised CancelledError, not TurnTimeout" in fails(
+        check_timeouts([timed("q", False, "CancelledError", Outcome.WITHDRAWN)], BOOKENDS)
+    )
+    assert "ended rolled_back although its function never started" in fails(
+        check_timeouts([timed("q", False, "TurnTimeout", Outcome.ROLLED_BACK)], BOOKENDS)
+    )
+    assert "running-1 timed out but its row exists" in fails(
+        check_timeouts(good, [*BOOKENDS, ProbeRow("timeout", "running-1")])
+    )
+    assert "left 1 and 0 rows" in fails(check_timeouts(good, BOOKENDS[:1]))
+
+
+def test_counts_fail_when_a_write_is_unaccounted_for() -> None:
+    unsent = WriteResult("A", 0, HOT_KEY, Outcome.COMMITTED, planned=CancelMode.QUEUED)
+    sent = WriteResult(
+        "A", 1, HOT_KEY, Outcome.ROLLED_BACK, planned=CancelMode.TASK, cancel_sent=True
+    )
+    assert check_counts([unsent, sent, *committed(("B", 0))], 3).passed
+    assert "3 outcomes for 4 writes" in fails(check_counts([unsent, sent, *committed(("B", 0))], 4))
+    lost = WriteResult("B", 0, HOT_KEY, Outcome.ROLLED_BACK)
+    assert "nobody cancelled it, yet it ended rolled_back" in fails(check_counts([lost], 1))
+    never_sent = WriteResult("A", 0, HOT_KEY, Outcome.WITHDRAWN, planned=CancelMode.QUEUED)
+    assert "was never sent, yet it ended withdrawn" in fails(check_counts([never_sent], 1))
+
+
+def test_cancellation_fails_when_a_timeout_does_not_raise_timeout_error() -> None:
+    result = WriteResult(
+        "A",
+        0,
+        HOT_KEY,
+        Outcome.ROLLED_BACK,
+        planned=CancelMode.TIMEOUT,
+        cancel_sent=True,
+        raised="CancelledError",
+    )
+    assert "timeout cancellation raised CancelledError, not TimeoutError" in fails(
+        check_cancellation([result], [])
     )

@@ -30,7 +30,7 @@ from sqlalchemy.pool import NullPool
 from writeturn import WriteSerializer, migrations
 from writeturn.cli import main as cli_main
 from writeturn.dialects import lock_id
-from writeturn.doctor import Check, diagnose
+from writeturn.doctor import Check, diagnose, statement_kind
 from writeturn.errors import ConfigurationError
 from writeturn.migrations import URL_ENV, lock_async, lock_key
 from writeturn.schema import VERSION_TABLE
@@ -189,7 +189,7 @@ async def test_leaked_advisory_lock(
     assert "leaked advisory lock" in line
     assert f"lock id {lock_id('writeturn', 'k')}" in line
     assert f"pid {pid} (application 'leaky-app', state idle)" in line
-    assert "last query: SELECT pg_advisory_lock($1)" in line
+    assert "last query: SELECT (text hidden; --show-queries shows it)" in line
     assert "fix: fix the holder so it releases the lock (pg_advisory_unlock)" in out
     assert f"SELECT pg_terminate_backend({pid})" in out
     assert "OK    write lock 'free-key': the write lock of key 'free-key'" in out
@@ -201,6 +201,45 @@ async def test_leaked_advisory_lock(
     assert found["advisory lock 42"].status == "FAIL"
     assert found["advisory lock 42"].detail.startswith("leaked advisory lock: advisory lock 42")
     assert "2 held in this database by 1 session(s)" in found["advisory locks"].detail
+
+
+async def test_other_sessions_sql_text_only_on_request(
+    pg_url: str, holder: Holder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A statement's literals may be secrets: by default only its kind is shown.
+    leaky = await holder("token-app")
+    await leaky.execute("BEGIN")
+    await leaky.execute("SELECT pg_advisory_xact_lock(42), 'api_token=tok_LIVE_123456'")
+
+    code, out, err = await doctor(capsys, "--url", pg_url, "--idle-threshold", "0")
+    assert code == 1, out
+    assert "tok_LIVE" not in out + err
+    lock_line = next(ln for ln in out.splitlines() if ln.startswith("FAIL  advisory lock 42"))
+    assert "last query: SELECT (text hidden; --show-queries shows it)" in lock_line
+    idle_line = next(ln for ln in out.splitlines() if ln.startswith("FAIL  idle in transaction"))
+    assert "last query: SELECT (text hidden" in idle_line
+
+    code, out, _ = await doctor(capsys, "--url", pg_url, "--idle-threshold", "0", "--show-queries")
+    assert code == 1, out
+    assert "last query: SELECT pg_advisory_xact_lock(42), 'api_token=tok_LIVE_123456'" in out
+    found = by_name(await diagnose(pg_url, idle_threshold=0))
+    assert all("tok_LIVE" not in c.detail for c in found.values())
+
+
+@pytest.mark.parametrize(
+    ("query", "kind"),
+    [
+        ("select 1", "SELECT"),
+        ("  /* app=x */ -- note\n INSERT INTO t VALUES ('secret')", "INSERT"),
+        ("(SELECT 1) UNION (SELECT 2)", "SELECT"),
+        ("WITH x AS (SELECT 1) UPDATE t SET a = 1", "WITH"),
+        ("", "(empty)"),
+        ("  ", "(empty)"),
+        ("'secret' literal first", "(unknown)"),
+    ],
+)
+def test_statement_kind(query: str, kind: str) -> None:
+    assert statement_kind(query) == kind
 
 
 async def test_idle_in_transaction(
@@ -215,7 +254,7 @@ async def test_idle_in_transaction(
     assert code == 1, out
     line = next(ln for ln in out.splitlines() if ln.startswith("FAIL  idle in transaction"))
     assert f"pid {pid} (application 'forgetful-app') is idle in transaction for" in line
-    assert "last query: SELECT 1" in line
+    assert "last query: SELECT (text hidden" in line
     assert f"SELECT pg_terminate_backend({pid})" in out
     assert "idle_in_transaction_session_timeout" in out
 
@@ -268,7 +307,9 @@ async def test_running_holder_is_not_leaked(pg_url: str, holder: Holder) -> None
     blocked = asyncio.create_task(waiting.execute("SELECT pg_advisory_xact_lock($1)", key))
     try:
         for _ in range(100):  # until the waiter queues behind the holder
-            found = by_name(await diagnose(pg_url, keys=["hot"], idle_threshold=0))
+            found = by_name(
+                await diagnose(pg_url, keys=["hot"], idle_threshold=0, show_queries=True)
+            )
             check = found["write lock 'hot'"]
             if "wait for it" in check.detail:
                 break

@@ -16,7 +16,6 @@ Programmatic use::
 
 from __future__ import annotations
 
-from ._cli import print_results, register_cli
 from ._memory import measure_memory
 from ._model import (
     STRATEGIES,
@@ -28,7 +27,7 @@ from ._model import (
     MemoryResult,
     TargetResult,
 )
-from ._report import to_json, write_json, write_plot
+from ._report import latency_plot_path, print_results, to_json, write_json, write_plot
 from ._run import run_bench
 from ._strategies import Database, batch_support
 
@@ -46,7 +45,7 @@ __all__ = [
     "batch_support",
     "measure_memory",
     "print_results",
-    "register_cli",
+    "latency_plot_path",
     "to_json",
     "write_json",
     "write_plot",

@@ -14,9 +14,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
 from ..dialects import SQLITE_SYNCHRONOUS
-from ..errors import ConfigurationError
-from ..urls import backend_of, normalize_url, redact
+from ..errors import ConfigurationError, DatabaseUnreachable
+from ..urls import backend_of, describe_error, normalize_url, redact
 from ._cell import CellSpec, run_cell
 from ._memory import measure_memory
 from ._model import (
@@ -30,7 +33,7 @@ from ._model import (
 from ._strategies import Database, make_engine
 from ._targets import compute_targets
 
-__all__ = ["run_bench", "check_options"]
+__all__ = ["run_bench", "check_options", "check_reachable"]
 
 
 class PoolErrorCounter(logging.Handler):
@@ -68,6 +71,8 @@ async def run_bench(options: BenchOptions) -> BenchResults:
     check_options(options)
     with ExitStack() as stack:
         databases = list(_databases(options, stack))
+        for db in databases:  # fail in a second, not after the cells of the first database
+            await check_reachable(db)
         pool_errors = stack.enter_context(_counting_pool_errors())
         cells: list[CellResult] = []
         total = len(databases) * _cells_per_database(options)
@@ -85,6 +90,21 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         memory=memory,
         targets=compute_targets(cells, labels, memory),
     )
+
+
+async def check_reachable(db: Database) -> None:
+    """Raise :class:`DatabaseUnreachable` (password masked) unless ``db`` answers ``SELECT 1``."""
+    engine = make_engine(db, connect_args={"timeout": 10} if db.backend == "postgresql" else {})
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        raise DatabaseUnreachable(
+            f"cannot reach {redact(db.url)} ({describe_error(exc, db.url)}); check that the "
+            "server runs and that the URL's host, port, database and credentials are right"
+        ) from None
+    finally:
+        await engine.dispose()
 
 
 def check_options(options: BenchOptions) -> None:
