@@ -165,7 +165,7 @@ class Instrumentation:
             unit="{write}",
             description="Writes waiting for a turn on each key named when instrumenting.",
         )
-        ser._counters.observers.append(self._sample)  # the one hook stats.Counters offers
+        self._unobserve = ser.observe(self._sample)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "reporting"
@@ -176,9 +176,7 @@ class Instrumentation:
         if self._closed:
             return
         self._closed = True
-        observers = self._ser._counters.observers
-        if self._sample in observers:
-            observers.remove(self._sample)
+        self._unobserve()
 
     # -- what the instruments read ----------------------------------------------------
 

@@ -386,6 +386,21 @@ class WriteSerializer:
         queued = rt.turns.statistics().waiting
         return rt.counters.snapshot(queued=queued, running=len(rt.live) - queued)
 
+    def observe(self, observer: Callable[[str, float], None]) -> Callable[[], None]:
+        """Call ``observer(kind, seconds)`` for every wait (``"wait"``: submission to
+        turn) and hold (``"hold"``: turn to settle) the serializer records, in the
+        event loop, synchronously; return a function that stops it. An observer that
+        raises is logged and never fails a write. (:mod:`writeturn.metrics` uses this.)
+        """
+        observers = self._rt.counters.observers
+        observers.append(observer)
+
+        def stop() -> None:
+            if observer in observers:
+                observers.remove(observer)
+
+        return stop
+
     def key_statistics(self, key: str | None = None) -> KeyStatistics:
         """Who holds ``key``'s turn and which writers wait, in turn order."""
         return self._rt.turns.key_statistics(check_key(key))
