@@ -19,10 +19,12 @@ from .errors import (
     DatabaseUnreachable,
     JournalMissing,
     OutcomeUnknown,
+    PoolExhausted,
     QueueFull,
     ReentrantWriteError,
     SerializerClosed,
     SerializerNotStarted,
+    TransactionAborted,
     TransactionOwnedError,
     TurnTimeout,
     UnsupportedDatabase,
@@ -57,6 +59,8 @@ __all__ = [
     "ConnectionLost",
     "JournalMissing",
     "QueueFull",
+    "PoolExhausted",
+    "TransactionAborted",
 ]
 
 try:  # the version is written once, in pyproject.toml

@@ -21,9 +21,9 @@ outcome, never half of them.
 # - the batch holds the key's turn (taken over from its first write) and
 #   SQLite's gate until the last attempt ended and the connection was handed
 #   back; claimed writes are never in the queue;
-# - the task is cancelled only while a write's own function runs outside a
-#   database call (``_current``), so a stop never lands in another write's
-#   function, nor in a driver call;
+# - the task is cancelled only for the write whose function runs now
+#   (``_current``), or when no write is left, so a stop never lands in another
+#   write's function; during a database call the cancellation is held back;
 # - every write of the batch is settled exactly once.
 """
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ._guard import GuardedTask
 from ._runtime import GATE_KEY, HELD, Runtime
 from ._transaction import Transaction, call_function, retry_delay
 from ._write import State, WriteRecord
@@ -55,7 +56,7 @@ class BatchRun:
         self._txn = Transaction(rt, leader.key, owns_task=True)
         self._gate_held = False
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._run(), context=leader.context)
+        self._task = GuardedTask(self._run(), loop=loop, context=leader.context)
         rt.keep(self._task)
 
     # -- the Runner interface ------------------------------------------------------
@@ -64,8 +65,7 @@ class BatchRun:
         txn = self._txn
         if record is self._current:
             txn.stop()
-            if not txn.in_call:
-                self._task.cancel()
+            self._task.cancel()  # held back during a database call (GuardedTask)
             return
         # Not running now (waiting in the batch, or in a retry's back-off): it ends at once.
         self._pending.remove(record)
@@ -74,8 +74,7 @@ class BatchRun:
             # Nobody is left to wait for: stop the window, the gate's wait, the
             # back-off or a checkout at once; a BEGIN in flight is interrupted.
             txn.stop()
-            if not txn.in_call:
-                self._task.cancel()
+            self._task.cancel()
 
     # -- the run --------------------------------------------------------------------
 

@@ -1,18 +1,23 @@
-"""Connections parked between writes, so the next write of any key skips the pool.
+"""Connections parked between writes, so the next write of any key skips the pool,
+and never at the expense of anyone waiting for one.
 
 # Invariants:
 # - at most SPARES connections are parked, each idle and outside a transaction;
-# - a parked connection older than MAX_IDLE seconds is never handed out: it is closed;
-# - a connection being closed is tracked until its close finished (drain()).
+# - a connection is parked only while the pool could still hand out another
+#   one at once (it has one idle, or room to open one): a parked connection is
+#   never one that a reader or another write is waiting for;
+# - a parked connection goes back to the pool MAX_IDLE seconds after it was
+#   parked, by a timer, whether or not another write comes;
+# - a connection being closed is tracked until its close finished (close()).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import Pool, QueuePool
 
 __all__ = ["ConnectionCache"]
 
@@ -25,19 +30,24 @@ MAX_IDLE = 1.0
 class ConnectionCache:
     """Up to two idle connections kept checked out between writes, for at most a second."""
 
-    __slots__ = ("_spares", "_closing", "open")
+    __slots__ = ("_engine", "_spares", "_closing", "open")
 
-    def __init__(self) -> None:
-        self._spares: list[tuple[AsyncConnection, float]] = []  # newest last
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        # newest last, each with the timer that hands it back
+        self._spares: list[tuple[AsyncConnection, asyncio.TimerHandle]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self.open = True  # False once the serializer closes: nothing is parked then
 
+    def __len__(self) -> int:
+        return len(self._spares)
+
     def take(self) -> AsyncConnection | None:
-        """A parked connection fresh enough to trust, or None."""
-        now = time.monotonic()
+        """A parked connection, or None."""
         while self._spares:
-            conn, parked = self._spares.pop()
-            if now - parked <= MAX_IDLE and not conn.invalidated and not conn.closed:
+            conn, timer = self._spares.pop()
+            timer.cancel()
+            if not conn.invalidated and not conn.closed:
                 return conn
             self._discard(conn)
         return None
@@ -50,16 +60,26 @@ class ConnectionCache:
             or conn.invalidated
             or conn.closed
             or conn.in_transaction()
+            or not _room_left(self._engine.pool)
         ):
             return False
-        self._spares.append((conn, time.monotonic()))
+        timer = asyncio.get_running_loop().call_later(MAX_IDLE, self._expire, conn)
+        self._spares.append((conn, timer))
         return True
 
     def drop_all(self) -> None:
         """Another connection died: the parked ones may have died with it (a restart)."""
         spares, self._spares = self._spares, []
-        for conn, _ in spares:
+        for conn, timer in spares:
+            timer.cancel()
             self._discard(conn)
+
+    def _expire(self, conn: AsyncConnection) -> None:
+        for i, (parked, _) in enumerate(self._spares):
+            if parked is conn:
+                del self._spares[i]
+                self._discard(conn)
+                return
 
     def _discard(self, conn: AsyncConnection) -> None:
         task = asyncio.ensure_future(conn.close())
@@ -69,11 +89,27 @@ class ConnectionCache:
     async def close(self) -> None:
         """Close every parked connection and wait for the closes under way."""
         self.open = False
-        spares, self._spares = self._spares, []
-        for conn, _ in spares:
-            try:
-                await conn.close()
-            except Exception as exc:
-                log.debug("writeturn: closing a spare connection failed: %r", exc)
+        self.drop_all()
         while self._closing:
-            await asyncio.wait(set(self._closing))
+            done, _ = await asyncio.wait(set(self._closing))
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("writeturn: closing a spare connection failed: %r", task.exception())
+
+
+def _room_left(pool: Pool) -> bool:
+    """Whether the pool could hand out one more connection at once, after this one.
+
+    A connection parked here counts as checked out, so parking is safe only
+    while someone else checking out would still not wait. Pools that open a
+    connection per checkout (NullPool) always have room; pools that share one
+    connection (StaticPool, SingletonThreadPool) never do.
+    """
+    if isinstance(pool, QueuePool):
+        if pool.checkedin() > 0:
+            return True
+        max_overflow = getattr(pool, "_max_overflow", 0)
+        if max_overflow < 0:
+            return True  # unlimited overflow
+        return pool.checkedout() < pool.size() + max_overflow
+    return type(pool).__name__ == "NullPool"

@@ -8,7 +8,8 @@ cancellation land there. In a task writeturn does not own (the caller's, in
 (:func:`run_apart`) that refuses cancellation through its awaiter, so the
 awaiting task sees ``CancelledError`` only once the call is done;
 :func:`settle` does the same for any future. (writeturn's own worker tasks
-need neither: a handle never cancels its worker while a call is in flight.)
+run their calls inline in a :class:`GuardedTask`, which holds a cancellation
+back while a call is in flight.)
 The caller then decides, at a point of its choosing, to raise exactly one
 ``CancelledError``.
 
@@ -24,7 +25,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["settle", "run_apart"]
+__all__ = ["settle", "run_apart", "GuardedTask"]
 
 T = TypeVar("T")
 
@@ -102,3 +103,58 @@ async def run_apart(
     if not task.cancelled():
         task.exception()
     return task, cancelled
+
+
+class GuardedTask(asyncio.Task[T]):
+    """writeturn's own task for a write: a cancellation never lands inside a database call.
+
+    A ``cancel()`` that arrives while :meth:`guarded` runs a call is held back:
+    ``on_cancel`` runs at once (to stop the statement after a grace period),
+    and the caller of :meth:`guarded` delivers the held-back cancellations
+    once the call has returned (:meth:`deliver`). Elsewhere ``cancel()``
+    behaves as usual. This protects a call from every canceller, including
+    the write function's own ``asyncio.timeout()`` around a statement, at
+    the cost of no extra task per call.
+    """
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        context: Any = None,
+    ) -> None:
+        super().__init__(coro, loop=loop, context=context)
+        self._writeturn_on_cancel: Callable[[], object] | None = None
+        self._writeturn_held = 0  # cancellations held back during a call
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        on_cancel = self._writeturn_on_cancel
+        if on_cancel is not None and not self.done():
+            self._writeturn_held += 1
+            on_cancel()
+            return True
+        return super().cancel(msg)
+
+    async def guarded(self, coro: Coroutine[Any, Any, T], on_cancel: Callable[[], object]) -> T:
+        """Await ``coro`` (a database call, run in this task) with cancellation held back."""
+        self._writeturn_on_cancel = on_cancel
+        try:
+            return await coro
+        finally:
+            self._writeturn_on_cancel = None
+
+    def hold(self) -> None:
+        """A cancellation was absorbed (by :func:`settle`) where none may land: hold it
+        back like one that arrived during a call, to be delivered later."""
+        self.uncancel()
+        self._writeturn_held += 1
+
+    async def deliver(self) -> None:
+        """Raise ``CancelledError`` here if cancellations were held back, counting each
+        one as ``Task.cancel()`` would (so ``asyncio.timeout`` can take its own back)."""
+        held, self._writeturn_held = self._writeturn_held, 0
+        if held:
+            for _ in range(held):
+                super().cancel()
+            await asyncio.sleep(0)  # the pending cancellation is raised here

@@ -78,7 +78,7 @@ class Runtime:
         # pass one at a time, so they never meet SQLite's own write lock.
         self.gate: TurnLock | None = TurnLock() if self.dialect.single_writer else None
         self.counters = Counters()
-        self.connections = ConnectionCache()
+        self.connections = ConnectionCache(engine)
         self.live: set[WriteRecord] = set()
         self.idle = asyncio.Event()
         self.idle.set()

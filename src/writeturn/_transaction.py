@@ -32,13 +32,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _owned, journal
-from ._guard import run_apart, settle
+from ._guard import GuardedTask, run_apart, settle
 from ._runtime import Runtime
 from ._session import WriteSession
 from ._write import WriteRecord
@@ -47,6 +48,7 @@ from .errors import (
     ConnectionLost,
     DatabaseUnreachable,
     OutcomeUnknown,
+    PoolExhausted,
     TransactionAborted,
     TransactionOwnedError,
 )
@@ -68,6 +70,7 @@ class Transaction:
         "_key",
         "_owns_task",
         "_on_cancel",
+        "_cancel_pending",
         "conn",
         "began",
         "stopped",
@@ -87,12 +90,16 @@ class Transaction:
         *,
         owns_task: bool,
         on_cancel: Callable[[], object] | None = None,
+        cancel_pending: Callable[[], bool] | None = None,
     ) -> None:
         self._rt = rt
         self._key = key
         self._owns_task = owns_task
-        # transaction(): called when the caller's task is cancelled during a call.
+        # transaction(): told when the caller's task was cancelled during a call
+        # that must finish (COMMIT), and asked before each statement whether the
+        # task still has a cancellation nobody took back.
         self._on_cancel = on_cancel
+        self._cancel_pending = cancel_pending
         self.conn: AsyncConnection | None = None
         self.began = False
         self.stopped = False  # the write being run was stopped: no new statement starts
@@ -110,7 +117,7 @@ class Transaction:
         """The write being run was stopped: refuse new statements, and stop the one in
         flight after ``cancel_grace`` (never by cancelling into the driver)."""
         self.stopped = True
-        if self.in_call and self._interrupt_timer is None and self._interrupt_task is None:
+        if self.in_call:
             self._schedule_interrupt()
 
     def resume(self) -> None:
@@ -123,53 +130,64 @@ class Transaction:
         """Run one database call so that no cancellation lands inside it.
 
         Interruptible calls (statements before COMMIT) refuse to start once the
-        write was stopped, and raise ``CancelledError`` after finishing if it
-        was stopped meanwhile. Other calls (COMMIT, ROLLBACK, close) always run
-        to the end and return or raise what the database said.
+        write was stopped, and raise ``CancelledError`` after finishing if a
+        cancellation arrived meanwhile; one that outlives ``cancel_grace`` is
+        stopped by the driver with an ordinary error. Other calls (COMMIT,
+        ROLLBACK, close) always run to the end and return or raise what the
+        database said; a cancellation is noted and raised afterwards.
+
+        A cancellation that came from inside the write function (its own
+        ``asyncio.timeout()`` around a statement) ends the statement, not the
+        write: once it has been taken back, the next statement runs.
         """
-        if interruptible and self.stopped:
+        if interruptible and (
+            self.stopped or (self._cancel_pending is not None and self._cancel_pending())
+        ):
             coro.close()
             raise asyncio.CancelledError
         if self._owns_task:
             return await self._call_inline(coro, interruptible)
-        task, cancelled = await run_apart(coro, self._caller_cancelled if interruptible else None)
-        await self._finish_interrupt()
-        if cancelled:
-            self.stopped = True
-            if not interruptible and self._on_cancel is not None:
-                self._on_cancel()
-        if interruptible and self.stopped:
+        task, cancelled = await run_apart(coro, self._schedule_interrupt if interruptible else None)
+        if await self._finish_interrupt():
+            cancelled = True
+        if cancelled and interruptible:
             err = asyncio.CancelledError()
             if not task.cancelled():
                 err.__context__ = task.exception()
             raise err
+        if cancelled and self._on_cancel is not None:
+            self._on_cancel()
         return task.result()
 
     async def _call_inline(self, coro: Coroutine[Any, Any, T], interruptible: bool) -> T:
+        task = asyncio.current_task()
+        assert isinstance(task, GuardedTask), "owns_task needs a GuardedTask"
         self.in_call = True
         try:
-            result = await coro
-        except BaseException as exc:
+            result: T = await task.guarded(
+                coro, self._schedule_interrupt if interruptible else _held_back
+            )
+        except BaseException:
             self.in_call = False
-            await self._finish_interrupt()
-            if interruptible and self.stopped:
-                raise asyncio.CancelledError from exc
+            if await self._finish_interrupt():
+                task.hold()
+            if interruptible:
+                await task.deliver()
+                if self.stopped:
+                    raise asyncio.CancelledError from None
             raise
         self.in_call = False
-        await self._finish_interrupt()
-        if interruptible and self.stopped:
-            raise asyncio.CancelledError
+        if await self._finish_interrupt():
+            task.hold()
+        if interruptible:
+            await task.deliver()
+            if self.stopped:
+                raise asyncio.CancelledError
         return result
 
-    def _caller_cancelled(self) -> None:
-        # The caller's task was cancelled during a statement: let it finish
-        # (or interrupt it after cancel_grace), then raise between statements.
-        self.stopped = True
-        self._schedule_interrupt()
-        if self._on_cancel is not None:
-            self._on_cancel()
-
     def _schedule_interrupt(self) -> None:
+        if self._interrupt_timer is not None or self._interrupt_task is not None:
+            return
         grace = self._rt.options.cancel_grace
         self._interrupt_timer = asyncio.get_running_loop().call_later(grace, self._interrupt)
 
@@ -210,38 +228,51 @@ class Transaction:
             )
             self._rt.dialect.terminate(self.conn)
 
-    async def _finish_interrupt(self) -> None:
-        # An interrupt still on its way could stop the *next* statement on
-        # this connection (ROLLBACK, or another write's): wait until it landed.
+    async def _finish_interrupt(self) -> bool:
+        """Wait until an interrupt on its way has landed: it could otherwise stop the
+        *next* statement on this connection (ROLLBACK, or another write's).
+        Returns True if the task was cancelled during that wait."""
         if self._interrupt_timer is not None:
             self._interrupt_timer.cancel()
             self._interrupt_timer = None
         self._disarm_terminate()
         task, self._interrupt_task = self._interrupt_task, None
-        if task is not None:
-            if await settle(task):
-                self.stopped = True
-                if self._on_cancel is not None:
-                    self._on_cancel()
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("writeturn: interrupting a statement failed: %r", task.exception())
+        if task is None:
+            return False
+        cancelled = await settle(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("writeturn: interrupting a statement failed: %r", task.exception())
+        return cancelled
 
     # -- the steps of a transaction ------------------------------------------------------
 
     async def connect(self) -> None:
-        """Take a parked connection, or check one out of the pool.
+        """Take a parked connection, or check one out of the pool; never a dead one.
 
-        Nothing has begun, so a cancellation simply abandons the checkout.
-        Raises :class:`DatabaseUnreachable` if the database cannot be reached.
+        A connection the server closed while it sat idle (a restart, an idle
+        timeout, ``pg_terminate_backend``) is discarded here, before anything of
+        the write ran, at no cost to the write. Nothing has begun, so a
+        cancellation simply abandons the checkout. Raises
+        :class:`DatabaseUnreachable` if the database cannot be reached, and
+        :class:`PoolExhausted` if the pool gave no connection in ``pool_timeout``.
         """
         if self.conn is not None and not self.conn.invalidated:
             return
         if self.conn is not None:
             await self._hand_back()
-        spare = self._rt.connections.take()
-        if spare is not None:
-            self.conn = spare
-            return
+        rt = self._rt
+        for _ in range(3):
+            conn = rt.connections.take() or await self._checkout()
+            if rt.dialect.alive(conn):
+                self.conn = conn
+                return
+            log.info("writeturn: a connection had been closed by the server while idle")
+            self.conn = conn
+            await self.call(conn.invalidate(), interruptible=False)
+            await self._hand_back()
+        await self._checkout_failed(ConnectionError("three connections in a row were dead"))
+
+    async def _checkout(self) -> AsyncConnection:
         engine = self._rt.engine
         checkout = asyncio.ensure_future(AsyncConnection(engine).start())
         if await settle(checkout, checkout.cancel):
@@ -250,14 +281,28 @@ class Transaction:
             raise asyncio.CancelledError
         exc = checkout.exception()
         if exc is not None:
-            url = engine.url
-            raise DatabaseUnreachable(
-                f"cannot reach {redact(url)} for the write on key {self._key!r}: "
-                f"{describe_error(exc, url)}; the write did not begin"
-            ) from exc
-        self.conn = checkout.result()
+            await self._checkout_failed(exc)
+        conn = checkout.result()
         if self.stopped:
+            await conn.close()
             raise asyncio.CancelledError
+        return conn
+
+    async def _checkout_failed(self, exc: BaseException) -> NoReturn:
+        engine = self._rt.engine
+        if isinstance(exc, sa_exc.TimeoutError):
+            pool = engine.pool
+            raise PoolExhausted(
+                f"no connection of the engine's pool became free for the write on key "
+                f"{self._key!r} ({pool.status()}); the write did not begin. Raise the pool's "
+                "size (pool_size, max_overflow), give readers their own engine, or lower "
+                "pool_timeout to fail sooner"
+            ) from exc
+        url = engine.url
+        raise DatabaseUnreachable(
+            f"cannot reach {redact(url)} for the write on key {self._key!r}: "
+            f"{describe_error(exc, url)}; the write did not begin"
+        ) from exc
 
     async def begin(self, deadline: float | None) -> None:
         """BEGIN (and the lock); a connection found dead here is replaced once.
@@ -443,7 +488,8 @@ class Transaction:
 
     def lost(self, error: BaseException | None) -> bool:
         """Whether the connection died (read before finish())."""
-        if self.conn is not None and self.conn.invalidated:
+        conn = self.conn
+        if conn is not None and (conn.invalidated or not self._rt.dialect.alive(conn)):
             return True
         return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
 
@@ -503,6 +549,10 @@ class Transaction:
         return self.conn
 
 
+def _held_back() -> None:
+    """A cancellation during COMMIT or ROLLBACK: nothing to stop; it is raised later."""
+
+
 def _rollback_driver(sync_conn: Any) -> None:
     sync_conn.connection.dbapi_connection.rollback()
 
@@ -516,7 +566,7 @@ class _SessionGate:
         self._txn = txn
         self.open = True
 
-    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def call(self, coro: Coroutine[Any, Any, T], *, interruptible: bool = True) -> T:
         if not self.open:
             coro.close()
             raise TransactionOwnedError(
@@ -524,7 +574,7 @@ class _SessionGate:
                 "function started outlived it. Await such work inside the function, or start "
                 "a new write for it"
             )
-        return await self._txn.call(coro)
+        return await self._txn.call(coro, interruptible=interruptible)
 
 
 async def call_function(record: WriteRecord, session: WriteSession) -> Any:

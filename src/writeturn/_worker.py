@@ -14,6 +14,7 @@ import contextvars
 from types import TracebackType
 from typing import Any, NoReturn
 
+from ._guard import GuardedTask
 from ._runtime import GATE_KEY, HELD, Runtime
 from ._session import WriteSession
 from ._transaction import Transaction, call_function, retry_delay
@@ -52,15 +53,14 @@ class SingleRun:
         self._gate_held = False
         record.runner = self
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._run(), context=record.context)
+        self._task = GuardedTask(self._run(), loop=loop, context=record.context)
         self._task.add_done_callback(self._done)
 
     def stop(self, record: WriteRecord) -> None:
-        txn = self._txn
-        if txn is not None:
-            txn.stop()
-            if txn.in_call:
-                return  # never cancel into a driver call: the transaction stops it
+        if self._txn is not None:
+            self._txn.stop()
+        # During a database call the task holds the cancellation back until
+        # the call returned (or was interrupted after cancel_grace).
         self._task.cancel()
 
     async def _run(self) -> None:
@@ -184,6 +184,13 @@ class TransactionContext:
         self._sent += 1
         task.cancel()
 
+    def _cancel_pending(self) -> bool:
+        """The caller's task has a cancellation that nobody took back (an inner
+        ``asyncio.timeout()`` takes its own back; an outer one does not)."""
+        task = self._task
+        assert task is not None
+        return task.cancelling() > self._entry + self._sent
+
     def _on_task_cancel(self) -> None:
         """The caller's task was cancelled during a database call."""
         task = self._task
@@ -223,7 +230,11 @@ class TransactionContext:
             raise self._raising(None)
         self._token = HELD.set((*HELD.get(), (rt, record.key, task)))
         txn = self._txn = Transaction(
-            rt, record.key, owns_task=False, on_cancel=self._on_task_cancel
+            rt,
+            record.key,
+            owns_task=False,
+            on_cancel=self._on_task_cancel,
+            cancel_pending=self._cancel_pending,
         )
         try:
             if rt.gate is not None:
@@ -267,7 +278,9 @@ class TransactionContext:
     ) -> bool:
         record, txn, task = self._record, self._txn, self._task
         assert txn is not None and task is not None
-        if isinstance(exc, asyncio.CancelledError) and record.stop is None:
+        if record.stop is None and (
+            isinstance(exc, asyncio.CancelledError) or self._cancel_pending()
+        ):
             self._on_task_cancel()  # the caller's own cancellation, in the block's code
         if exc is None and not txn.stopped and record.stop is None:
             try:

@@ -77,6 +77,10 @@ class Dialect:
         """Whether the driver's connection is inside a transaction, whatever SQLAlchemy thinks."""
         return False
 
+    def alive(self, conn: AsyncConnection) -> bool:
+        """False if the driver already knows ``conn`` was closed (no round trip)."""
+        return True
+
     def not_sent(self, exc: BaseException) -> bool:
         """Whether a failed COMMIT was refused by the driver before it reached the server."""
         return False
@@ -192,13 +196,40 @@ class PostgresDialect(Dialect):
         return int(row[1])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
+        """Send the protocol's CancelRequest for ``conn``'s running statement.
+
+        The request travels on a short connection of its own that carries no
+        session, so it needs no connection from the pool (which may be full),
+        and a pooler such as PgBouncer forwards it to the server connection the
+        statement runs on (``pg_cancel_backend`` on the pid the client sees
+        would name the pooler's key, not a backend). This is what asyncpg's own
+        query timeouts send; its sender is not public API, so a driver without
+        it falls back to ``pg_cancel_backend``.
+        """
         driver = _driver(conn)
-        if driver is None:
+        if driver is None or driver.is_closed():
             return
-        pid = driver.get_server_pid()
-        async with engine.connect() as control:
-            await control.execute(self._CANCEL, {"pid": pid})
-            await control.rollback()
+        try:
+            from asyncpg import connect_utils  # type: ignore[import-untyped]
+
+            cancel = connect_utils._cancel
+            addr, params = driver._addr, driver._params
+            pid, secret = driver._protocol.backend_pid, driver._protocol.backend_secret
+        except (ImportError, AttributeError):  # an asyncpg without these internals
+            async with engine.connect() as control:
+                await control.execute(self._CANCEL, {"pid": driver.get_server_pid()})
+                await control.rollback()
+            return
+        try:
+            await cancel(
+                loop=asyncio.get_running_loop(),
+                addr=addr,
+                params=params,
+                backend_pid=pid,
+                backend_secret=secret,
+            )
+        except ConnectionResetError:
+            pass  # some servers reset the cancel connection after reading the request
 
     #: serialization_failure, deadlock_detected
     _TRANSIENT_STATES = frozenset({"40001", "40P01"})
@@ -214,6 +245,12 @@ class PostgresDialect(Dialect):
     def driver_in_transaction(self, conn: AsyncConnection) -> bool:
         driver = _driver(conn)
         return bool(driver is not None and not driver.is_closed() and driver.is_in_transaction())
+
+    def alive(self, conn: AsyncConnection) -> bool:
+        # asyncpg learns of a closed socket as soon as the event loop sees it,
+        # so a connection the server closed while it was idle is known dead.
+        driver = _driver(conn)
+        return driver is not None and not driver.is_closed()
 
     #: asyncpg refuses these before it writes anything to the socket.
     _NOT_SENT = ("connection is closed", "another operation is in progress")

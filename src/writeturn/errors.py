@@ -22,6 +22,7 @@ __all__ = [
     "QueueFull",
     "JournalMissing",
     "TransactionAborted",
+    "PoolExhausted",
 ]
 
 
@@ -83,3 +84,8 @@ class JournalMissing(WriteturnError):
 class TransactionAborted(WriteturnError):
     """A statement failed inside the write and its error was caught; the database had
     aborted the transaction, so nothing of the write was committed."""
+
+
+class PoolExhausted(WriteturnError, TimeoutError):
+    """No connection of the engine's pool became free in time (pool_timeout); the
+    write did not begin."""
