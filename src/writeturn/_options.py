@@ -38,6 +38,7 @@ class Options:
     retry_backoff: float = 0.05
     max_queue: int | None = None
     cleanup_timeout: float = 5.0
+    pgbouncer: bool = False
 
     def __post_init__(self) -> None:
         if self.coordination not in COORDINATIONS:

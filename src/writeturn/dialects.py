@@ -11,9 +11,11 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
+import uuid
 from typing import Any, Literal
 
 from sqlalchemy import event, text
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -28,6 +30,8 @@ __all__ = [
     "dialect_for",
     "lock_id",
     "SQLITE_SYNCHRONOUS",
+    "PoolerMisconfigured",
+    "for_transaction_pooler",
 ]
 
 log = logging.getLogger("writeturn")
@@ -80,6 +84,14 @@ class Dialect:
     def alive(self, conn: AsyncConnection) -> bool:
         """False if the driver already knows ``conn`` was closed (no round trip)."""
         return True
+
+    async def behind_pooler(self, conn: AsyncConnection) -> bool:
+        """Whether ``conn`` reaches the database through a connection pooler (PgBouncer).
+
+        Checks that the database answers too (one round trip).
+        """
+        await conn.exec_driver_sql("SELECT 1")
+        return False
 
     def not_sent(self, exc: BaseException) -> bool:
         """Whether a failed COMMIT was refused by the driver before it reached the server."""
@@ -246,6 +258,18 @@ class PostgresDialect(Dialect):
         driver = _driver(conn)
         return bool(driver is not None and not driver.is_closed() and driver.is_in_transaction())
 
+    async def behind_pooler(self, conn: AsyncConnection) -> bool:
+        # The pid the server gave the client at startup is, through a pooler,
+        # the pooler's own cancel key, not the backend's pid.
+        try:
+            backend = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) in _STATEMENT_NAME_CLASH:
+                raise PoolerMisconfigured("prepared statements clash between its clients") from exc
+            raise
+        driver = _driver(conn)
+        return driver is not None and backend is not None and driver.get_server_pid() != backend
+
     def alive(self, conn: AsyncConnection) -> bool:
         # asyncpg learns of a closed socket as soon as the event loop sees it,
         # so a connection the server closed while it was idle is known dead.
@@ -281,6 +305,34 @@ class PostgresDialect(Dialect):
                 return Outcome.UNKNOWN
             await asyncio.sleep(0.1)
         return Outcome.UNKNOWN
+
+
+#: duplicate_prepared_statement, invalid_sql_statement_name: what asyncpg's
+#: named statements meet behind a transaction-mode pooler.
+_STATEMENT_NAME_CLASH = frozenset({"42P05", "26000"})
+
+
+class PoolerMisconfigured(Exception):
+    """The database answers through a pooler that breaks the driver's statement cache."""
+
+
+def for_transaction_pooler(url: URL, engine_options: dict[str, Any]) -> tuple[URL, dict[str, Any]]:
+    """The URL and engine options that make asyncpg safe behind PgBouncer in transaction mode.
+
+    Prepared statements live on one server connection, which the pooler hands
+    to another client after each transaction: asyncpg's statement cache and
+    SQLAlchemy's are turned off, and every statement gets a unique name, so no
+    client's statement ever meets another's.
+    """
+    connect_args = dict(engine_options.get("connect_args") or {})
+    connect_args.setdefault("statement_cache_size", 0)
+    connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
+    options = {**engine_options, "connect_args": connect_args}
+    return url.update_query_dict({"prepared_statement_cache_size": "0"}), options
+
+
+def _unique_statement_name() -> str:
+    return f"__writeturn_{uuid.uuid4().hex}__"
 
 
 def _driver(conn: AsyncConnection) -> Any:

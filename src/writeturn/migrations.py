@@ -223,6 +223,7 @@ def _pg_acquire(connection: Connection, lk: _LockName, timeout: float) -> None:
     scope = connection.begin_nested() if connection.in_transaction() else connection.begin()
     try:
         with scope:
+            _refuse_a_pooler(connection)
             if connection.scalar(_PG_TRY_LOCK, {"key": lk.key}):
                 return
             if log.isEnabledFor(logging.INFO):
@@ -250,6 +251,27 @@ def _pg_acquire(connection: Connection, lk: _LockName, timeout: float) -> None:
         # Interrupted mid-wait: whether the server granted the lock is unknown.
         _invalidate_quietly(connection)
         raise
+
+
+def _refuse_a_pooler(connection: Connection) -> None:
+    """The migration lock is held by a session: refuse a pooler, which shares sessions.
+
+    Behind PgBouncer in transaction mode the server connection that took the
+    lock serves other clients after the statement, and the migration's own
+    statements may run on another one: the lock would protect nothing.
+    Through a pooler the pid the client was given is the pooler's, not the
+    backend's, which is how it is recognised (one round trip per migration run).
+    """
+    backend = connection.scalar(text("SELECT pg_backend_pid()"))
+    driver = connection.connection.driver_connection
+    if driver is not None and backend is not None and driver.get_server_pid() != backend:
+        raise ConfigurationError(
+            f"{redact(connection.engine.url)} answers through a connection pooler "
+            "(PgBouncer?): the migration lock is a session-level advisory lock, which a "
+            "pooler would hand to other clients between statements. Run migrations on a "
+            "direct connection to Postgres (the server's own host and port), not through "
+            "the pooler"
+        )
 
 
 def _pg_unlock(connection: Connection, lk: _LockName) -> bool:

@@ -27,7 +27,7 @@ from ._runtime import Runtime, holds_turn
 from ._session import WriteSession
 from ._worker import SingleRun, TransactionContext
 from ._write import Stop, WriteRecord
-from .dialects import configure_sqlite_engine
+from .dialects import PoolerMisconfigured, configure_sqlite_engine, for_transaction_pooler
 from .errors import (
     ConfigurationError,
     DatabaseUnreachable,
@@ -100,6 +100,7 @@ class WriteSerializer:
         retry_backoff: float = 0.05,
         max_queue: int | None = None,
         cleanup_timeout: float = 5.0,
+        pgbouncer: bool = False,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -120,6 +121,7 @@ class WriteSerializer:
                 retry_backoff=retry_backoff,
                 max_queue=max_queue,
                 cleanup_timeout=cleanup_timeout,
+                pgbouncer=bool(pgbouncer),
             ),
         )
         self._owns_engine = False
@@ -142,6 +144,7 @@ class WriteSerializer:
         retry_backoff: float = 0.05,
         max_queue: int | None = None,
         cleanup_timeout: float = 5.0,
+        pgbouncer: bool = False,
         **engine_options: Any,
     ) -> WriteSerializer:
         """Create a serializer with an engine of its own, disposed by :meth:`close`.
@@ -151,7 +154,11 @@ class WriteSerializer:
         files get WAL, foreign keys, a busy timeout of ``sqlite_busy_timeout``
         seconds and ``synchronous=sqlite_synchronous`` (NORMAL by default;
         FULL makes every COMMIT durable against power loss, at the cost of a
-        flush each). ``engine_options`` go to ``create_async_engine``.
+        flush each). ``pgbouncer=True`` is for a URL that goes through a pooler in
+        transaction mode (PgBouncer): it turns off asyncpg's and SQLAlchemy's
+        prepared-statement caches and gives each prepared statement a unique
+        name, so that no statement lands on another client's server connection.
+        ``engine_options`` go to ``create_async_engine``.
         """
         parsed = normalize_url(url)
         backend = backend_of(parsed)
@@ -161,6 +168,13 @@ class WriteSerializer:
                 f"{redact(parsed)} is {backend}; drop the option"
             )
         busy = check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
+        if pgbouncer:
+            if backend != "postgresql":
+                raise ConfigurationError(
+                    f"pgbouncer=True applies to Postgres URLs, and {redact(parsed)} is "
+                    f"{backend}; drop the option"
+                )
+            parsed, engine_options = for_transaction_pooler(parsed, engine_options)
         engine = create_async_engine(parsed, **engine_options)
         if backend == "sqlite":
             configure_sqlite_engine(
@@ -179,6 +193,7 @@ class WriteSerializer:
                 retry_backoff=retry_backoff,
                 max_queue=max_queue,
                 cleanup_timeout=cleanup_timeout,
+                pgbouncer=pgbouncer,
             )
         except BaseException:
             engine.sync_engine.dispose()
@@ -199,12 +214,14 @@ class WriteSerializer:
             )
         try:
             async with rt.engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+                pooled = await rt.dialect.behind_pooler(conn)
                 if rt.options.journal:
                     await journal.check_table(conn)
                 await conn.rollback()
         except JournalMissing:
             raise
+        except PoolerMisconfigured as exc:
+            raise ConfigurationError(_pooler_hint(rt.engine.url, str(exc))) from None
         except Exception as exc:
             url = rt.engine.url
             hint = (
@@ -216,6 +233,8 @@ class WriteSerializer:
             raise DatabaseUnreachable(
                 f"cannot reach {redact(url)}: {describe_error(exc, url)}; {hint}"
             ) from None
+        if pooled and not rt.options.pgbouncer:
+            raise ConfigurationError(_pooler_hint(rt.engine.url, "its session ids differ"))
         rt.state = "started"
 
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -493,3 +512,15 @@ class WriteSerializer:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _pooler_hint(url: URL, why: str) -> str:
+    return (
+        f"{redact(url)} answers through a connection pooler ({why}), and this serializer "
+        "was not told: behind PgBouncer in transaction mode, prepared statements of one "
+        "client land on another's server connection. Use WriteSerializer.from_url(url, "
+        "pgbouncer=True); for an engine of your own, create it with "
+        "connect_args={'statement_cache_size': 0, 'prepared_statement_name_func': ...} and "
+        "?prepared_statement_cache_size=0 in its URL, then pass WriteSerializer(engine, "
+        "pgbouncer=True)"
+    )

@@ -1,6 +1,6 @@
 """A writer process for the cross-process tests: read-then-write increments on one key.
 
-Usage: python _proc_worker.py URL COORDINATION TASKS WRITES_PER_TASK BARRIER_FILE
+Usage: python _proc_worker.py URL COORDINATION TASKS WRITES_PER_TASK BARRIER_FILE [pgbouncer]
 Prints one JSON line: {"committed": n}.
 """
 
@@ -31,8 +31,14 @@ def wait_for_file(path: str, limit: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-async def main(url: str, coordination: str, tasks: int, writes: int, barrier: str) -> None:
-    ser = WriteSerializer.from_url(url, coordination=coordination)  # type: ignore[arg-type]
+async def main(
+    url: str, coordination: str, tasks: int, writes: int, barrier: str, pgbouncer: bool = False
+) -> None:
+    ser = WriteSerializer.from_url(
+        url,
+        coordination=coordination,  # type: ignore[arg-type]
+        pgbouncer=pgbouncer,
+    )
     committed = 0
     async with ser:
         await asyncio.to_thread(wait_for_file, barrier)
@@ -49,4 +55,5 @@ async def main(url: str, coordination: str, tasks: int, writes: int, barrier: st
 
 if __name__ == "__main__":
     url, coordination, tasks, writes, barrier = sys.argv[1:6]
-    asyncio.run(main(url, coordination, int(tasks), int(writes), barrier))
+    pgbouncer = sys.argv[6:7] == ["pgbouncer"]
+    asyncio.run(main(url, coordination, int(tasks), int(writes), barrier, pgbouncer))

@@ -16,12 +16,19 @@ WORKER = Path(__file__).with_name("_proc_worker.py")
 PROCESSES, TASKS, WRITES = 4, 5, 20
 
 
-async def run_processes(url: str, coordination: str, tmp_path: Path) -> int:
-    """Start the writer processes together; return how many increments they committed."""
+async def run_processes(
+    url: str, coordination: str, tmp_path: Path, *, through: str | None = None
+) -> int:
+    """Start the writer processes together; return how many increments they committed.
+
+    ``through``: a URL of the same database behind PgBouncer, which the writers use.
+    """
     async with serializer(url) as ser:
         await create_tables(ser.engine)
     barrier = tmp_path / "go"
-    args = [str(WORKER), url, coordination, str(TASKS), str(WRITES), str(barrier)]
+    args = [str(WORKER), through or url, coordination, str(TASKS), str(WRITES), str(barrier)]
+    if through is not None:
+        args.append("pgbouncer")
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
