@@ -1,0 +1,70 @@
+"""Stops that reach a batch mid-statement, and a pool with no connection to give."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from writeturn import Outcome, PoolExhausted, WriteSerializer
+
+from ._db import create_tables, ledger, record
+
+
+def _slow(url: str) -> str:
+    if url.startswith("postgresql"):
+        return "SELECT pg_sleep(0.5)"
+    return (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 3000000) "
+        "SELECT count(*) FROM c"
+    )
+
+
+async def test_a_cancel_during_a_batched_statement_keeps_the_connection(db_url: str) -> None:
+    """The batch's task is never cancelled inside a driver call: the statement is
+    stopped by the driver, the one write rolls back, the others commit."""
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(db_url, batch_max=8, batch_window=0.05) as ser,
+    ):
+        await create_tables(ser.engine)
+        started = asyncio.Event()
+
+        async def slow(session: AsyncSession) -> None:
+            await record(session, "k", "slow", 0)
+            started.set()
+            await session.execute(text(_slow(db_url)))
+
+        first = ser.submit(record, "k", "first", 1, key="k")
+        victim = ser.submit(slow, key="k")
+        last = ser.submit(record, "k", "last", 2, key="k")
+        await started.wait()
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        await first
+        await last
+        assert victim.outcome is Outcome.ROLLED_BACK
+        assert first.outcome is last.outcome is Outcome.COMMITTED
+        assert [r[2] for r in await ledger(ser.engine)] == ["first", "last"]
+        assert ser.stats().connections_invalidated == 0
+
+
+async def test_a_pool_with_no_connection_to_give_is_named(db_url: str) -> None:
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(db_url, pool_size=1, max_overflow=0, pool_timeout=0.3) as ser,
+    ):
+        await create_tables(ser.engine)
+        async with ser.engine.connect() as reader:  # the pool's only connection
+            await reader.execute(text("SELECT 1"))
+            h = ser.submit(record, "k", "w", 1, key="k")
+            with pytest.raises(PoolExhausted, match="pool_size"):
+                await h
+            await reader.rollback()
+        assert h.outcome is Outcome.WITHDRAWN
+        assert isinstance(h.exception(), TimeoutError)
+        await ser.run(record, "k", "w", 2, key="k", timeout=10)
+        assert [r[3] for r in await ledger(ser.engine)] == [2]
