@@ -167,23 +167,15 @@ class Transaction:
             result: T = await task.guarded(
                 coro, self._schedule_interrupt if interruptible else _held_back
             )
-        except BaseException:
+            return result
+        finally:
             self.in_call = False
             if await self._finish_interrupt():
                 task.hold()
             if interruptible:
-                await task.deliver()
+                await task.deliver()  # a cancellation held back during the call lands here
                 if self.stopped:
-                    raise asyncio.CancelledError from None
-            raise
-        self.in_call = False
-        if await self._finish_interrupt():
-            task.hold()
-        if interruptible:
-            await task.deliver()
-            if self.stopped:
-                raise asyncio.CancelledError
-        return result
+                    raise asyncio.CancelledError
 
     def _schedule_interrupt(self) -> None:
         if self._interrupt_timer is not None or self._interrupt_task is not None:

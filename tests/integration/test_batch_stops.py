@@ -11,15 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from writeturn import Outcome, PoolExhausted, WriteSerializer
 
 from ._db import create_tables, ledger, record
-
-
-def _slow(url: str) -> str:
-    if url.startswith("postgresql"):
-        return "SELECT pg_sleep(0.5)"
-    return (
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 3000000) "
-        "SELECT count(*) FROM c"
-    )
+from .test_connections import slow_statement
 
 
 async def test_a_cancel_during_a_batched_statement_keeps_the_connection(db_url: str) -> None:
@@ -35,7 +27,7 @@ async def test_a_cancel_during_a_batched_statement_keeps_the_connection(db_url: 
         async def slow(session: AsyncSession) -> None:
             await record(session, "k", "slow", 0)
             started.set()
-            await session.execute(text(_slow(db_url)))
+            await session.execute(text(slow_statement(db_url, seconds=0.5)))
 
         first = ser.submit(record, "k", "first", 1, key="k")
         victim = ser.submit(slow, key="k")

@@ -241,11 +241,13 @@ def _ours(exc: BaseException) -> bool:
 # -- 5. the write function's own timeout around a statement --------------------------------
 
 
-def _slow_statement(url: str) -> str:
+def slow_statement(url: str, seconds: float = 3.0) -> str:
+    """A statement that runs for about ``seconds`` (SQLite: a long count), interruptible."""
     if url.startswith("postgresql"):
-        return "SELECT pg_sleep(3)"
+        return f"SELECT pg_sleep({seconds})"
+    rows = int(seconds * 100_000_000)
     return (
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 300000000) "
+        f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {rows}) "
         "SELECT count(*) FROM c"
     )
 
@@ -262,7 +264,7 @@ async def test_an_inner_timeout_stops_the_statement_not_the_write(db_url: str, h
             t0 = time.monotonic()
             try:
                 async with asyncio.timeout(0.2):
-                    await session.execute(text(_slow_statement(db_url)))
+                    await session.execute(text(slow_statement(db_url)))
             except TimeoutError:
                 seen.append(f"timeout after {time.monotonic() - t0:.1f}s")
             try:
