@@ -192,7 +192,7 @@ class WriteRecord(Waiter):
         self._since = time.monotonic()  # queued at; from the grant on, granted at
         self._timer: asyncio.TimerHandle | None = None
         self._on_grant: Callable[[WriteRecord], None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] | None = None  # made when first awaited
 
     def __repr__(self) -> str:
         state = self.outcome.value if self.state is State.DONE else self.state.value
@@ -314,8 +314,8 @@ class WriteRecord(Waiter):
             self._timer = None
         self.fn = self.args = self.kwargs = self.context = None  # type: ignore[assignment]
         self.runner = self._on_grant = None
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
+        waiters, self._waiters = self._waiters, None
+        for fut in waiters or ():
             if not fut.done():
                 fut.set_result(None)
         self._owner.forget(self)
@@ -325,6 +325,8 @@ class WriteRecord(Waiter):
         if self.state is State.DONE:
             if not fut.done():
                 fut.set_result(None)
+        elif self._waiters is None:
+            self._waiters = [fut]
         else:
             self._waiters.append(fut)
 
