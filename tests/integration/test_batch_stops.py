@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from writeturn import Outcome, PoolExhausted, WriteSerializer
+from writeturn import Outcome, PoolExhausted, TurnTimeout, WriteSerializer
 
 from ._db import create_tables, ledger, record
 from .test_connections import slow_statement
@@ -60,3 +60,22 @@ async def test_a_pool_with_no_connection_to_give_is_named(db_url: str) -> None:
         assert isinstance(h.exception(), TimeoutError)
         await ser.run(record, "k", "w", 2, key="k", timeout=10)
         assert [r[3] for r in await ledger(ser.engine)] == [2]
+
+
+async def test_a_write_waiting_for_the_pool_ends_at_its_own_timeout(db_url: str) -> None:
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(db_url, pool_size=1, max_overflow=0, pool_timeout=30) as ser,
+    ):
+        await create_tables(ser.engine)
+        async with ser.engine.connect() as reader:  # the pool's only connection
+            await reader.execute(text("SELECT 1"))
+            t0 = asyncio.get_running_loop().time()
+            h = ser.submit(record, "k", "w", 1, key="k", timeout=0.3)
+            with pytest.raises(TurnTimeout):
+                await h
+            waited = asyncio.get_running_loop().time() - t0
+            await reader.rollback()
+        assert h.outcome is Outcome.WITHDRAWN
+        assert waited < 30 / 4  # its timeout, not the pool's
+        assert await ledger(ser.engine) == []
