@@ -42,7 +42,7 @@ from . import _owned, journal
 from ._guard import GuardedTask, run_apart, settle
 from ._runtime import Runtime
 from ._session import WriteSession
-from ._write import WriteRecord
+from ._write import State, WriteRecord
 from .errors import (
     ConfigurationError,
     ConnectionLost,
@@ -599,6 +599,7 @@ def retry_delay(
         or record.fn is None
         or record.stop is not None
         or record.attempts >= record.retries
+        or record.state not in (State.ROLLING_BACK, State.COMMITTING)  # it never began
     ):
         return None
     if outcome is Outcome.UNKNOWN:
