@@ -9,6 +9,8 @@ advisory locks (``"advisory"``), over SQLAlchemy's async engine on SQLite
 
 from __future__ import annotations
 
+import logging
+
 from ._session import WriteSession
 from .errors import (
     ConfigurationError,
@@ -57,3 +59,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# A library stays silent unless the application configures logging: without a
+# handler of its own, a WARNING would reach stderr through logging.lastResort.
+logging.getLogger("writeturn").addHandler(logging.NullHandler())
