@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
-from . import journal
+from . import journal, urls
 from ._batch import BatchRun
 from ._transaction import GATE_KEY, RetryWrite, Transaction
 from .dialects import Coordination, configure_sqlite_engine, dialect_for
@@ -197,6 +197,7 @@ class WriteSerializer:
                 f"{redact(parsed)} is {backend}; drop the option"
             )
         busy = _check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
+        parsed, engine_options = urls.engine_options(parsed, engine_options)
         engine = create_async_engine(parsed, **engine_options)
         if backend == "sqlite":
             configure_sqlite_engine(

@@ -357,10 +357,13 @@ async def test_sigterm_during_load_loses_nothing_reported_committed(
     outcomes = Counter(line["outcome"] for line in writes.values())
     assert outcomes["unknown"] == 0
     long_writes = [line for i, line in writes.items() if line["key"] == "k2" and i < AUDIT]
-    # The long writes in flight at SIGTERM outlasted the graceful timeout: the server
-    # cancelled their handlers, and the writes rolled back (or were withdrawn).
+    # The long writes in flight at SIGTERM outlasted the graceful timeout. uvicorn
+    # cancels such handlers, and their writes rolled back (or were withdrawn); hypercorn
+    # may let them finish (seen on Python 3.12), and then they committed.
     stopped = [line for line in long_writes if line["outcome"] != "committed"]
-    assert len(long_writes) == 2 and stopped, long_writes
+    assert len(long_writes) == 2, long_writes
+    if kind == "uvicorn":
+        assert stopped, long_writes
     assert all(line["error"] == "CancelledError" for line in stopped), stopped
     # The lifespan waited for those handlers: their audit writes, made after the
     # server had cancelled them and started the shutdown, committed.
