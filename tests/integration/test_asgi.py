@@ -193,7 +193,7 @@ async def tables(db_url: str) -> str:
     return db_url
 
 
-SERVERS = ["uvicorn", pytest.param("hypercorn", marks=pytest.mark.slow)]
+SERVERS = ["uvicorn", "hypercorn"]
 
 
 @pytest.mark.parametrize("kind", SERVERS)
