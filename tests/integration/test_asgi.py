@@ -418,3 +418,68 @@ async def test_the_example_service_runs_under_uvicorn(db_url: str, tmp_path: Pat
     out = log.read_text()
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out and "Traceback" not in out, out
+
+
+async def test_a_bare_asgi_app_gets_the_lifespan_and_whole_bodies(
+    tables: str, tmp_path: Path
+) -> None:
+    """SerializerLifespan.wrap with no framework; large bodies pass the middleware whole."""
+    port = free_port()
+    log = tmp_path / "bare.txt"
+    env = {**os.environ, "WT_ASGI_URL": tables}
+    cmd = [
+        sys.executable, "-m", "uvicorn", "_asgi_bare:app", "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    proc = spawn(cmd, HERE, env, log)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
+            deadline = time.monotonic() + STARTUP_LIMIT
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    if (await client.get("/")).text == "up":
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            # Bodies of several messages each (uvicorn hands on what each read brought).
+            sizes = [1, 70_000, 2_000_000]
+            bodies = [f"{i}".encode() + b" " * size for i, size in enumerate(sizes)]
+            responses = await asyncio.gather(*(client.post("/", content=b) for b in bodies))
+            assert [r.text for r in responses] == [f"{i} {len(b)}" for i, b in enumerate(bodies)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), 20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = log.read_text()
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out and "Traceback" not in out, out
+    await check_database(tables, {i: {"key": "k0", "outcome": "committed"} for i in range(3)})
+
+
+async def test_an_unreachable_database_fails_the_startup_without_the_password(
+    tmp_path: Path,
+) -> None:
+    url = f"postgresql://app:s3cret@127.0.0.1:{free_port()}/app"  # nothing listens there
+    log = tmp_path / "bare.txt"
+    cmd = [
+        sys.executable, "-m", "uvicorn", "_asgi_bare:app", "--host", "127.0.0.1",
+        "--port", str(free_port()),
+    ]  # fmt: skip
+    proc = spawn(cmd, HERE, {**os.environ, "WT_ASGI_URL": url}, log)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(proc.wait), STARTUP_LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert proc.returncode != 0, out
+    assert "cannot reach postgresql+asyncpg://app:***@127.0.0.1" in out, out
+    assert "s3cret" not in out, out
