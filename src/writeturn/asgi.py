@@ -31,7 +31,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
-from .errors import ConfigurationError, SerializerNotStarted
+from .errors import ConfigurationError, SerializerClosed, SerializerNotStarted
 from .serializer import WriteSerializer
 
 __all__ = ["SerializerLifespan", "WriteturnMiddleware", "ASGIApp"]
@@ -104,6 +104,7 @@ class SerializerLifespan:
         self._handler_timeout = _check_seconds("handler_timeout", handler_timeout, allow_none=False)
         self._drain_timeout = _check_seconds("drain_timeout", drain_timeout, allow_none=False)
         self._serializer: WriteSerializer | None = None
+        self._stopped = False  # a shutdown has closed a serializer
         # Invariant: _requests == the number of requests counted by _request() that
         # have not ended; _no_requests is set exactly when _requests == 0.
         self._requests = 0
@@ -115,8 +116,13 @@ class SerializerLifespan:
     def serializer(self) -> WriteSerializer:
         """The started serializer. Also a FastAPI dependency: ``Depends(writes.serializer)``.
 
-        Raises :class:`SerializerNotStarted` before the lifespan has started.
+        Raises :class:`SerializerNotStarted` before the lifespan has started and
+        :class:`SerializerClosed` after its shutdown.
         """
+        if self._serializer is None and self._stopped:
+            raise SerializerClosed(
+                "the app has shut down: its SerializerLifespan closed the serializer"
+            )
         if self._serializer is None:
             raise SerializerNotStarted(
                 "the app's SerializerLifespan has not started: pass it as the framework's "
@@ -134,10 +140,21 @@ class SerializerLifespan:
     # -- startup and shutdown -----------------------------------------------------
 
     async def startup(self) -> None:
-        """Create and start the serializer. Idempotent."""
+        """Create and start the serializer. Idempotent while running.
+
+        After a shutdown, a factory makes a new serializer (an app may be started
+        again, e.g. by a test client per test); a serializer given as an instance
+        cannot be restarted.
+        """
         if self._serializer is not None:
             return
         source = self._source
+        if isinstance(source, WriteSerializer) and self._stopped:
+            raise SerializerClosed(
+                "this SerializerLifespan was given a WriteSerializer, which was closed at the "
+                "last shutdown; give it a function that creates one to start the app again, "
+                "e.g. SerializerLifespan(lambda: WriteSerializer.from_url(url))"
+            )
         ser = source if isinstance(source, WriteSerializer) else source()
         if not isinstance(ser, WriteSerializer):
             raise ConfigurationError(
@@ -163,7 +180,11 @@ class SerializerLifespan:
                     self._handler_timeout,
                 )
         if ser is not None:
-            await ser.close(drain=True, timeout=self._drain_timeout)
+            try:
+                await ser.close(drain=True, timeout=self._drain_timeout)
+            finally:
+                self._serializer = None
+                self._stopped = True
 
     @contextlib.asynccontextmanager
     async def _context(self) -> AsyncIterator[None]:

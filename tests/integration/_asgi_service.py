@@ -50,9 +50,9 @@ def report(line: dict[str, Any]) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with writes(app):
+        ser = writes.serializer()
         yield
-    stats = writes.serializer().stats()
-    report({"event": "closed", "stats_committed": stats.committed})
+    report({"event": "closed", "stats_committed": ser.stats().committed})
 
 
 app = FastAPI(lifespan=lifespan)
