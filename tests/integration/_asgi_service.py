@@ -3,8 +3,9 @@
 Configured by environment variables:
 - WT_ASGI_URL: the database (it must have the test tables: ledger, and counter rows);
 - WT_ASGI_REPORT: a file that gets one JSON line per write once its handle has
-  settled ({"id", "key", "outcome", "error"}), and {"event": "closed", ...} after
-  the lifespan has closed the serializer;
+  settled ({"id", "key", "outcome", "error"}), {"running": id} when a write's
+  function starts, and {"event": "closed", ...} after the lifespan has closed the
+  serializer;
 - WT_ASGI_TIMEOUT: the middleware's handler timeout in seconds.
 
 POST /write?id=I&key=K&pause=P[&timeout=T] runs one write: it inserts the ledger
@@ -62,6 +63,7 @@ app.add_middleware(
 
 
 async def write(session: AsyncSession, i: int, key: str, pause: float) -> None:
+    report({"running": i})
     await session.execute(
         text("INSERT INTO ledger (key, writer, seq) VALUES (:k, :w, :s)"),
         {"k": key, "w": f"w{i % 4}", "s": i},

@@ -84,8 +84,16 @@ class Server:
             return []
         return [json.loads(line) for line in self.report.read_text().splitlines() if line]
 
+    async def wait_running(self, i: int) -> None:
+        """Wait until write ``i``'s function has started."""
+        deadline = time.monotonic() + SETTLE_LIMIT
+        while not any(line.get("running") == i for line in self.lines()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"write {i} did not start within {SETTLE_LIMIT}s")
+            await asyncio.sleep(0.02)
+
     def writes(self) -> dict[int, dict[str, Any]]:
-        found = [line for line in self.lines() if "id" in line]
+        found = [line for line in self.lines() if "outcome" in line]
         twice = [i for i, n in Counter(line["id"] for line in found).items() if n > 1]
         assert twice == [], f"writes reported twice: {twice}"
         return {line["id"]: line for line in found}
@@ -203,29 +211,36 @@ async def test_a_client_that_disconnects_gets_its_write_stopped(
     """Clients that leave mid-request: their writes are withdrawn or rolled back, at once.
 
     An abandoned request's write would sleep LONG seconds, so only a cancellation can
-    settle it within SETTLE_LIMIT; the writes of clients that stay commit.
+    settle it within SETTLE_LIMIT; the writes of clients that stay commit. Some clients
+    leave after a seeded delay, wherever their write is then (queued or running); two
+    leave only once their write is running, so a running write is certainly stopped.
     """
     rng = random.Random(12)
-    plan = [
-        (i, KEYS[i % len(KEYS)], "abandon" if rng.random() < 0.4 else "stay", rng.uniform(0.1, 0.4))
-        for i in range(24)
-    ]
+    plan = []
+    for i in range(24):
+        what = "stay" if rng.random() < 0.6 else "abandon"
+        plan.append((i, KEYS[i % len(KEYS)], "abandon-running" if i in (0, 4) else what))
+    delays = {i: rng.uniform(0.1, 0.4) for i, *_ in plan}
     server = await start_server(kind, tables, tmp_path)
     try:
         limits = httpx.Limits(max_connections=len(plan))
         async with httpx.AsyncClient(base_url=server.base, timeout=20, limits=limits) as client:
 
-            async def request(i: int, key: str, kind: str, delay: float) -> int | str:
-                if kind == "stay":
-                    params = {"id": i, "key": key, "pause": delay / 10}
+            async def request(i: int, key: str, what: str) -> int | str:
+                if what == "stay":
+                    params = {"id": i, "key": key, "pause": delays[i] / 10}
                     return (await client.post("/write", params=params)).status_code
-                try:
-                    async with asyncio.timeout(delay):  # cancelling httpx closes the socket
-                        params = {"id": i, "key": key, "pause": LONG}
-                        await client.post("/write", params=params)
-                except TimeoutError:
-                    return "left"
-                return "not left"
+                params = {"id": i, "key": key, "pause": LONG}
+                post = asyncio.create_task(client.post("/write", params=params))
+                if what == "abandon-running":
+                    await server.wait_running(i)
+                else:
+                    await asyncio.wait({post}, timeout=delays[i])
+                if post.done():
+                    return f"answered {post.result().status_code}"
+                post.cancel()  # cancelling httpx closes the socket
+                await asyncio.gather(post, return_exceptions=True)
+                return "left"
 
             results = await asyncio.gather(*(request(*p) for p in plan))
         writes = await server.wait_reported({i for i, *_ in plan})
@@ -233,16 +248,16 @@ async def test_a_client_that_disconnects_gets_its_write_stopped(
         await check_database(tables, writes)
     finally:
         await server.stop()
-    for (i, _, what, _), result in zip(plan, results, strict=True):
+    for (i, _, what), result in zip(plan, results, strict=True):
         if what == "stay":
             assert (result, writes[i]["outcome"]) == (200, "committed"), writes[i]
+            continue
+        assert result == "left"
+        assert writes[i]["error"] == "CancelledError", writes[i]
+        if what == "abandon-running":
+            assert writes[i]["outcome"] == "rolled_back", writes[i]
         else:
-            assert result == "left"
             assert writes[i]["outcome"] in ("rolled_back", "withdrawn"), writes[i]
-            assert writes[i]["error"] == "CancelledError", writes[i]
-    outcomes = Counter(line["outcome"] for line in writes.values())
-    # Both kinds of stop happened: a running write rolled back, a queued one withdrawn.
-    assert outcomes["rolled_back"] >= 1 and outcomes["withdrawn"] >= 1, outcomes
     await check_database(tables, server.writes())
 
 
