@@ -9,6 +9,7 @@ advisory locks (``"advisory"``), over SQLAlchemy's async engine on SQLite
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _distribution_version
 
@@ -67,3 +68,7 @@ try:  # the version is written once, in pyproject.toml
     __version__: str = _distribution_version("writeturn")
 except PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
+
+# A library stays silent unless the application configures logging: without a
+# handler of its own, a WARNING would reach stderr through logging.lastResort.
+logging.getLogger("writeturn").addHandler(logging.NullHandler())

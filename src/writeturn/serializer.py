@@ -12,7 +12,7 @@ from typing import Any, Concatenate, TypeVar
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import journal
+from . import journal, urls
 from ._batch import BatchRun
 from ._options import (
     Coordination,
@@ -168,6 +168,7 @@ class WriteSerializer:
                 f"{redact(parsed)} is {backend}; drop the option"
             )
         busy = check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
+        parsed, engine_options = urls.engine_options(parsed, engine_options)
         if pgbouncer:
             if backend != "postgresql":
                 raise ConfigurationError(

@@ -7,14 +7,24 @@ so a password never leaves the process in text.
 from __future__ import annotations
 
 import re
-from typing import Literal
+import ssl
+from typing import Any, Literal
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import UnsupportedDatabase
 
-__all__ = ["URL_ENV", "Backend", "normalize_url", "redact", "backend_of", "describe_error"]
+__all__ = [
+    "URL_ENV",
+    "APPLICATION_NAME",
+    "Backend",
+    "normalize_url",
+    "redact",
+    "backend_of",
+    "describe_error",
+    "engine_options",
+]
 
 Backend = Literal["sqlite", "postgresql"]
 
@@ -109,3 +119,111 @@ def backend_of(url: URL) -> Backend:
             f"unsupported database URL {redact(url)!r}; writeturn supports: {SUPPORTED_FORMS}"
         )
     return entry[0]
+
+
+#: What ``pg_stat_activity.application_name`` shows for connections writeturn creates.
+APPLICATION_NAME = "writeturn"
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq connection parameters asyncpg has no counterpart for (or that writeturn does not
+# map): given in a URL, asyncpg would fail with "unexpected keyword argument".
+_LIBPQ_UNMAPPED = frozenset(
+    {
+        "sslpassword", "sslcrl", "sslcrldir", "sslsni", "sslcompression", "sslcertmode",
+        "ssl_min_protocol_version", "ssl_max_protocol_version", "requiressl", "gssencmode",
+        "gsslib", "gssdelegation", "krbsrvname", "channel_binding", "require_auth",
+        "passfile", "service", "options", "hostaddr", "client_encoding", "replication",
+        "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+        "tcp_user_timeout", "load_balance_hosts", "fallback_application_name",
+    }
+)  # fmt: skip
+
+
+def _one(url: URL, name: str) -> str | None:
+    value = url.query.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UnsupportedDatabase(
+            f"the database URL {redact(url)!r} gives {name} more than once; give it once"
+        )
+    return value
+
+
+def _ssl_context(url: URL, mode: str | None, files: dict[str, str]) -> ssl.SSLContext:
+    """The SSLContext libpq would build for ``sslmode`` with certificate files."""
+    if mode in ("disable", "allow", "prefer"):
+        raise UnsupportedDatabase(
+            f"the database URL {redact(url)!r} gives {', '.join(sorted(files))} with "
+            f"sslmode={mode}; certificate files need sslmode=require, verify-ca or verify-full"
+        )
+    try:
+        context = ssl.create_default_context(cafile=files.get("sslrootcert"))
+        if "sslcert" in files:
+            context.load_cert_chain(files["sslcert"], files.get("sslkey"))
+    except (OSError, ssl.SSLError) as exc:
+        given = ", ".join(f"{name}={path}" for name, path in sorted(files.items()))
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UnsupportedDatabase(
+            f"cannot load the certificate files {given} of {redact(url)!r} ({reason}); check "
+            "that those paths name readable PEM files"
+        ) from None
+    # As in libpq: verify-full checks the host name; verify-ca, and require with a root
+    # certificate, check the chain only.
+    context.check_hostname = mode == "verify-full"
+    if mode == "require" and "sslrootcert" not in files:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def engine_options(url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, Any]]:
+    """Map libpq-style parameters of a Postgres URL onto asyncpg's connect arguments.
+
+    ``sslmode`` (with ``sslrootcert``, ``sslcert``, ``sslkey``) becomes asyncpg's
+    ``ssl``, ``connect_timeout`` its ``timeout``, and ``application_name`` a server
+    setting; connections are named ``writeturn`` in ``pg_stat_activity`` unless the
+    URL or ``connect_args={"server_settings": {"application_name": ...}}`` names them.
+    Other libpq parameters raise :class:`UnsupportedDatabase` naming the parameter.
+    Returns the URL without those parameters and the engine options to use; SQLite
+    URLs come back unchanged.
+    """
+    if backend_of(url) != "postgresql":
+        return url, options
+    for name in sorted(url.query):
+        if name in _LIBPQ_UNMAPPED:
+            raise UnsupportedDatabase(
+                f"the database URL {redact(url)!r} has the libpq parameter {name}, which "
+                "asyncpg does not take; drop it from the URL, and pass what asyncpg offers "
+                "instead through connect_args={...} (see asyncpg.connect)"
+            )
+    connect: dict[str, Any] = {}
+    mode = _one(url, "sslmode")
+    if mode is not None and mode not in _SSLMODES:
+        raise UnsupportedDatabase(
+            f"sslmode={mode!r} in {redact(url)!r} is not an sslmode; use one of "
+            f"{', '.join(_SSLMODES)}"
+        )
+    files = {n: v for n in ("sslrootcert", "sslcert", "sslkey") if (v := _one(url, n))}
+    if files:
+        connect["ssl"] = _ssl_context(url, mode, files)
+    elif mode is not None:
+        connect["ssl"] = mode  # asyncpg takes libpq's mode names as they are
+    timeout = _one(url, "connect_timeout")
+    if timeout is not None:
+        try:
+            connect["timeout"] = float(timeout)
+        except ValueError:
+            raise UnsupportedDatabase(
+                f"connect_timeout={timeout!r} in {redact(url)!r} is not a number of seconds, "
+                "e.g. connect_timeout=10"
+            ) from None
+    app_name = _one(url, "application_name")
+    user_args = dict(options.get("connect_args") or {})
+    settings = {"application_name": app_name or APPLICATION_NAME}
+    settings.update(user_args.pop("server_settings", None) or {})
+    connect["server_settings"] = settings
+    connect.update(user_args)  # what the caller passed explicitly wins
+    stripped = url.difference_update_query(
+        ["sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name"]
+    )
+    return stripped, {**options, "connect_args": connect}

@@ -241,3 +241,63 @@ def test_backend_of_unsupported_raises_without_the_password() -> None:
         backend_of(make_url("mysql://u:s3cret@h/db"))
     assert SECRET not in str(info.value)
     assert "postgresql+asyncpg://" in str(info.value)
+
+
+# -- libpq-style parameters of Postgres URLs -----------------------------------------------
+
+
+def _options(url: str, **options: object) -> tuple[URL, dict[str, object]]:
+    from writeturn.urls import engine_options
+
+    return engine_options(normalize_url(url), dict(options))
+
+
+def test_postgres_connections_are_named_writeturn_unless_told_otherwise() -> None:
+    url, options = _options("postgresql://u:s3cret@db/app")
+    assert options["connect_args"] == {"server_settings": {"application_name": "writeturn"}}
+    url, options = _options("postgresql://u@db/app?application_name=billing")
+    assert options["connect_args"] == {"server_settings": {"application_name": "billing"}}
+    assert "application_name" not in url.query
+    _, options = _options(
+        "postgresql://u@db/app",
+        connect_args={"server_settings": {"application_name": "api", "jit": "off"}},
+    )
+    assert options["connect_args"] == {"server_settings": {"application_name": "api", "jit": "off"}}
+
+
+@pytest.mark.parametrize(
+    "mode", ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+)
+def test_sslmode_becomes_asyncpgs_ssl_argument(mode: str) -> None:
+    url, options = _options(f"postgresql://u:s3cret@db/app?sslmode={mode}&connect_timeout=7")
+    connect = options["connect_args"]
+    assert isinstance(connect, dict)
+    assert connect["ssl"] == mode and connect["timeout"] == 7.0
+    assert dict(url.query) == {}
+
+
+def test_sqlite_urls_are_left_alone() -> None:
+    url, options = _options("sqlite:///app.db", echo=True)
+    assert options == {"echo": True} and url == normalize_url("sqlite:///app.db")
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [
+        ("sslmode=sometimes", ["sslmode='sometimes'", "verify-full"]),
+        ("sslpassword=x", ["sslpassword", "connect_args"]),
+        ("options=-c%20jit%3Doff", ["options", "connect_args"]),
+        ("connect_timeout=soon", ["connect_timeout='soon'", "connect_timeout=10"]),
+        ("sslmode=disable&sslrootcert=/ca.pem", ["sslrootcert", "sslmode=disable"]),
+        ("sslmode=verify-full&sslrootcert=/no/such/ca.pem", ["sslrootcert", "/no/such/ca.pem"]),
+    ],
+)
+def test_libpq_parameters_asyncpg_lacks_are_named_with_the_fix(
+    query: str, names: list[str]
+) -> None:
+    with pytest.raises(UnsupportedDatabase) as caught:
+        _options(f"postgresql://u:{SECRET}@db/app?{query}")
+    message = str(caught.value)
+    for name in names:
+        assert name in message, message
+    assert SECRET not in message
