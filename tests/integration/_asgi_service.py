@@ -102,6 +102,7 @@ async def post_write(
     timeout: float | None = None,
     audit: bool = False,
 ) -> JSONResponse:
+    report({"handler": id})  # a request cancelled before this line has no write at all
     try:
         outcome = await reported_write(ser, id, key, pause, timeout)
     except asyncio.CancelledError:

@@ -98,11 +98,22 @@ class Server:
         assert twice == [], f"writes reported twice: {twice}"
         return {line["id"]: line for line in found}
 
-    async def wait_reported(self, ids: set[int]) -> dict[int, dict[str, Any]]:
+    def handled(self) -> set[int]:
+        """The requests whose handler started (and so submitted a write)."""
+        return {line["handler"] for line in self.lines() if "handler" in line}
+
+    async def wait_reported(
+        self,
+        ids: set[int],
+        *,
+        if_handled: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> dict[int, dict[str, Any]]:
+        """Wait until every write of ``ids`` settled; of ``if_handled``, those whose
+        request reached its handler (a client may leave before that)."""
         deadline = time.monotonic() + SETTLE_LIMIT
         while True:
             writes = self.writes()
-            missing = ids - set(writes)
+            missing = (ids | ((if_handled or set()) & self.handled())) - set(writes)
             if not missing:
                 return writes
             if time.monotonic() > deadline:
@@ -243,7 +254,10 @@ async def test_a_client_that_disconnects_gets_its_write_stopped(
                 return "left"
 
             results = await asyncio.gather(*(request(*p) for p in plan))
-        writes = await server.wait_reported({i for i, *_ in plan})
+        stays = {i for i, _, what in plan if what == "stay"}
+        writes = await server.wait_reported(
+            stays | {0, 4}, if_handled={i for i, *_ in plan} - stays
+        )
         # While the server still runs: nothing is held for the abandoned writes.
         await check_database(tables, writes)
     finally:
@@ -253,6 +267,9 @@ async def test_a_client_that_disconnects_gets_its_write_stopped(
             assert (result, writes[i]["outcome"]) == (200, "committed"), writes[i]
             continue
         assert result == "left"
+        if i not in writes:  # the client left before its request reached the handler
+            assert i not in server.handled()
+            continue
         assert writes[i]["error"] == "CancelledError", writes[i]
         if what == "abandon-running":
             assert writes[i]["outcome"] == "rolled_back", writes[i]

@@ -214,7 +214,10 @@ async def test_backends_terminated_under_load(
         assert len(killed) >= 50, killed
         if retries:
             # Lost connections are transient: the writes ran again, and nearly all committed.
-            assert ser.stats().retries >= len(killed) // 2
+            # A backend killed while idle (pooled or parked) is replaced before any write
+            # uses it, so only kills inside a transaction call for a retry.
+            busy = [k for k in killed if not k.startswith("idle:")]
+            assert ser.stats().retries >= len(busy) // 2
             assert len(failed) <= len(handles) // 100
         else:
             assert failed
