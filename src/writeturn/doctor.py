@@ -56,7 +56,7 @@ from .errors import ConfigurationError, WriteturnError
 from .journal import TABLE as JOURNAL_TABLE
 from .migrations import DEFAULT_NAMESPACE, current_async, history, lock_key
 from .schema import VERSION_TABLE
-from .urls import Backend, backend_of, normalize_url, redact
+from .urls import Backend, backend_of, engine_options, normalize_url, redact
 
 __all__ = [
     "Check",
@@ -757,7 +757,8 @@ def _engine(url: URL, backend: Backend) -> AsyncEngine:
                 "statement_timeout": str(STATEMENT_TIMEOUT_MS),
             },
         }
-    engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
+    url, mapped = engine_options(url, {"connect_args": connect_args})
+    engine = create_async_engine(url, poolclass=NullPool, **mapped)
     if backend == "sqlite":
         join_failed_connects(engine)
     return engine

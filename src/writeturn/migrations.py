@@ -47,7 +47,7 @@ from sqlalchemy.pool import NullPool
 from ._sqlite_connect import join_failed_connects
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
-from .urls import URL_ENV, Backend, backend_of, normalize_url, redact
+from .urls import URL_ENV, Backend, backend_of, engine_options, normalize_url, redact
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -578,7 +578,8 @@ def _engine_kwargs(url: URL) -> dict[str, Any]:
 def _create_engine(url: str | URL) -> AsyncEngine:
     """Create the NullPool engine env.py and the programmatic API use for one run."""
     normalized = normalize_url(url)
-    engine = create_async_engine(normalized, **_engine_kwargs(normalized))
+    stripped, options = engine_options(normalized, _engine_kwargs(normalized))
+    engine = create_async_engine(stripped, **options)
     if backend_of(normalized) == "sqlite":
         join_failed_connects(engine)
     return engine
