@@ -36,6 +36,7 @@ from .errors import (
     ReentrantWriteError,
     SerializerClosed,
     SerializerNotStarted,
+    shown,
 )
 from .handle import WriteHandle
 from .outcome import Outcome
@@ -157,7 +158,7 @@ class WriteSerializer:
         backend = backend_of(parsed)
         if backend != "sqlite" and sqlite_synchronous is not None:
             raise ConfigurationError(
-                f"sqlite_synchronous={sqlite_synchronous!r} applies to SQLite only, and "
+                f"sqlite_synchronous={shown(sqlite_synchronous)} applies to SQLite only, and "
                 f"{redact(parsed)} is {backend}; drop the option"
             )
         busy = check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
@@ -236,7 +237,7 @@ class WriteSerializer:
         held = holds_turn(self._rt, inside=True)
         if held is not None:
             raise ReentrantWriteError(
-                f"close() called inside a write on key {held!r} of this serializer would wait "
+                f"close() called inside a write on key {shown(held)} of this serializer would wait "
                 "for that write forever; close the serializer after the write, from outside it"
             )
         if self._closing is None:
@@ -332,7 +333,7 @@ class WriteSerializer:
         """
         if not callable(fn):
             raise ConfigurationError(
-                f"submit() needs an async function taking the session first, got {fn!r}"
+                f"submit() needs an async function taking the session first, got {shown(fn)}"
             )
         record = self._new_record(fn, args, kwargs or None, key, writer, timeout, idempotency_key)
         record.retries = self._rt.options.retries if retries is None else check_retries(retries)
@@ -451,10 +452,10 @@ class WriteSerializer:
         max_queue = rt.options.max_queue
         if max_queue is not None and rt.turns.waiting(k) >= max_queue:
             raise QueueFull(
-                f"{max_queue} writes already wait for key {k!r} (max_queue={max_queue}); nothing "
-                "was queued. Slow down and retry later, or raise max_queue; a database that is "
-                "down makes writes fail fast, so a full queue usually means writes arrive faster "
-                "than the database commits them"
+                f"{max_queue} writes already wait for key {shown(k)} (max_queue={max_queue}); "
+                "nothing was queued. Slow down and retry later, or raise max_queue; a database "
+                "that is down makes writes fail fast, so a full queue usually means writes "
+                "arrive faster than the database commits them"
             )
         return WriteRecord(
             rt,
@@ -475,10 +476,10 @@ class WriteSerializer:
             where = (
                 "SQLite has a single writer, so any write"
                 if self._rt.gate is not None and held != key
-                else f"a write on key {key!r}"
+                else f"a write on key {shown(key)}"
             )
             raise ReentrantWriteError(
-                f"{where} started inside this task's turn on key {held!r} would wait for "
+                f"{where} started inside this task's turn on key {shown(held)} would wait for "
                 "that turn forever; do the work in the same transaction (use the session "
                 "you already have), or start the write after the turn ends"
             )
