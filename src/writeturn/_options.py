@@ -19,11 +19,15 @@ __all__ = [
     "MAX_KEY",
     "MAX_WRITER",
     "MAX_IDEMPOTENCY_KEY",
+    "MAX_BATCH",
+    "MAX_BATCH_WINDOW",
+    "MAX_SQLITE_BUSY_TIMEOUT",
     "check_key",
     "check_writer",
     "check_idempotency_key",
     "check_retries",
     "check_seconds",
+    "check_busy_timeout",
 ]
 
 Coordination = Literal["turn", "advisory"]
@@ -44,6 +48,17 @@ MAX_NAMESPACE = _column_length("namespace")
 MAX_KEY = _column_length("key")
 MAX_WRITER = _column_length("writer")
 MAX_IDEMPOTENCY_KEY = _column_length("idempotency_key")
+
+#: A batch is one transaction that holds the key's lock and a connection until
+#: its last write is done, and one failed write re-runs all the others; the
+#: gain of group commit flattens out at a few dozen writes (see BENCHMARKS.md).
+MAX_BATCH = 10_000
+#: The window delays every write of a batch that is not full; group commit
+#: wants milliseconds, and a longer window is a stall, not a batch.
+MAX_BATCH_WINDOW = 1.0
+#: SQLite takes its busy timeout as a 32-bit signed count of milliseconds;
+#: anything larger wraps around (to 0: a locked database fails at once).
+MAX_SQLITE_BUSY_TIMEOUT = (2**31 - 1) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +90,21 @@ class Options:
             )
         _check_text("namespace", self.namespace, MAX_NAMESPACE, "namespace='myservice'")
         check_seconds("cancel_grace", self.cancel_grace, allow_zero=True)
-        if not _whole(self.batch_max) or self.batch_max < 1:
+        if not _whole(self.batch_max) or not 1 <= self.batch_max <= MAX_BATCH:
             raise ConfigurationError(
-                f"batch_max={shown(self.batch_max)} must be a whole number of writes, 1 or more "
-                "(1 turns group commit off; e.g. batch_max=64)"
+                f"batch_max={shown(self.batch_max)} must be a whole number of writes from 1 "
+                f"to {MAX_BATCH} (1 turns group commit off; e.g. batch_max=64). A batch is one "
+                "transaction holding the key's lock until its last write is done, and one "
+                "failed write re-runs all the others; the gain flattens out at a few dozen"
             )
-        check_seconds("batch_window", self.batch_window, allow_zero=True)
+        check_seconds(
+            "batch_window",
+            self.batch_window,
+            allow_zero=True,
+            at_most=MAX_BATCH_WINDOW,
+            why="the window delays every write of a batch that is not full, and group "
+            "commit needs only milliseconds (e.g. batch_window=0.002)",
+        )
         check_retries(self.retries)
         if self.max_queue is not None and (not _whole(self.max_queue) or self.max_queue < 1):
             raise ConfigurationError(
@@ -167,7 +191,14 @@ def check_retries(value: object) -> int:
     return value  # type: ignore[return-value]
 
 
-def check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
+def check_seconds(
+    name: str,
+    value: object,
+    *,
+    allow_zero: bool,
+    at_most: float | None = None,
+    why: str = "",
+) -> float:
     ok = (
         isinstance(value, int | float)
         and not isinstance(value, bool)
@@ -179,4 +210,21 @@ def check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
         raise ConfigurationError(
             f"{name}={shown(value)} must be a finite number of seconds, {bound} (e.g. {name}=2.0)"
         )
-    return float(value)  # type: ignore[arg-type]
+    seconds = float(value)  # type: ignore[arg-type]
+    if at_most is not None and seconds > at_most:
+        raise ConfigurationError(
+            f"{name}={shown(value)} is too long: at most {at_most} seconds, because {why}"
+        )
+    return seconds
+
+
+def check_busy_timeout(value: object) -> float:
+    """``sqlite_busy_timeout``: seconds SQLite waits for another process's write lock."""
+    return check_seconds(
+        "sqlite_busy_timeout",
+        value,
+        allow_zero=True,
+        at_most=MAX_SQLITE_BUSY_TIMEOUT,
+        why="SQLite takes it as a 32-bit count of milliseconds, and a larger value wraps "
+        "around (to 0: a locked database would fail at once instead of waiting)",
+    )

@@ -17,6 +17,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._options import check_busy_timeout
 from ._sqlite_connect import join_failed_connects
 from .errors import ConfigurationError, UnsupportedDatabase, shown
 from .outcome import Outcome
@@ -288,7 +289,8 @@ def configure_sqlite_engine(engine: AsyncEngine, *, synchronous: str, busy_timeo
             f"sqlite_synchronous={shown(synchronous)} is not a SQLite synchronous level; "
             f"use one of {', '.join(SQLITE_SYNCHRONOUS)} (NORMAL is the default, FULL is durable)"
         )
-    timeout_ms = int(busy_timeout * 1000)
+    seconds = check_busy_timeout(busy_timeout)
+    timeout_ms = int(seconds * 1000)
     join_failed_connects(engine)
 
     @event.listens_for(engine.sync_engine, "connect")

@@ -17,6 +17,7 @@ from ._batch import BatchRun
 from ._options import (
     Coordination,
     Options,
+    check_busy_timeout,
     check_idempotency_key,
     check_key,
     check_retries,
@@ -161,13 +162,13 @@ class WriteSerializer:
                 f"sqlite_synchronous={shown(sqlite_synchronous)} applies to SQLite only, and "
                 f"{redact(parsed)} is {backend}; drop the option"
             )
-        busy = check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
-        engine = create_async_engine(parsed, **engine_options)
-        if backend == "sqlite":
-            configure_sqlite_engine(
-                engine, synchronous=sqlite_synchronous or "NORMAL", busy_timeout=busy
-            )
+        busy = check_busy_timeout(sqlite_busy_timeout)
+        engine = _create_engine(parsed, engine_options)
         try:
+            if backend == "sqlite":
+                configure_sqlite_engine(
+                    engine, synchronous=sqlite_synchronous or "NORMAL", busy_timeout=busy
+                )
             ser = cls(
                 engine,
                 coordination=coordination,
@@ -494,3 +495,60 @@ class WriteSerializer:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _create_engine(url: URL, options: dict[str, Any]) -> AsyncEngine:
+    """``create_async_engine(url, **options)``, with a bad option named in a ConfigurationError.
+
+    SQLAlchemy refuses a bad option with whatever its code happens to raise
+    (TypeError, KeyError, ValueError, ...), often without naming it.
+    """
+    try:
+        return create_async_engine(url, **options)
+    except Exception as exc:
+        error = exc
+    culprits = [name for name in options if not _engine_accepts(url, {name: options[name]})]
+    if not culprits:  # each is fine alone: name those the error names, else all of them
+        culprits = [name for name in options if repr(name) in str(error)] or list(options)
+    named = ", ".join(_option(name, options[name]) for name in culprits)
+    message = (
+        f"create_async_engine() refused the engine option{'s' if len(culprits) > 1 else ''} "
+        f"{named} ({describe_error(error, url)}); check the option's name and type against "
+        "SQLAlchemy's create_engine() documentation (e.g. pool_size=10, "
+        "connect_args={'timeout': 2}), or drop it"
+    )
+    for secret in _secrets(options):  # a password passed beside the bad option
+        message = message.replace(secret, "***")
+    raise ConfigurationError(message) from None
+
+
+def _engine_accepts(url: URL, options: dict[str, Any]) -> bool:
+    try:
+        engine = create_async_engine(url, **options)
+    except Exception:
+        return False
+    engine.sync_engine.dispose()  # no connection was made: this only drops the empty pool
+    return True
+
+
+_SECRET_NAMES = ("password", "passwd", "secret", "token", "pwd")
+
+
+def _option(name: str, value: object) -> str:
+    """``name=value`` for a message; a value that may hold a secret shows only its type."""
+    if isinstance(value, bool | int | float | str | None) and not any(
+        part in name.lower() for part in _SECRET_NAMES
+    ):
+        return f"{name}={shown(value)}"
+    return f"{name} (a {type(value).__name__})"
+
+
+def _secrets(options: dict[str, Any]) -> list[str]:
+    """String values under secret-looking names, at any depth of ``options`` (e.g. connect_args)."""
+    found: list[str] = []
+    for name, value in options.items():
+        if isinstance(value, dict):
+            found += _secrets({str(k): v for k, v in value.items()})
+        elif isinstance(value, str) and value and any(p in name.lower() for p in _SECRET_NAMES):
+            found.append(value)
+    return found

@@ -8,11 +8,13 @@ have refused, or deadlocked until a timeout.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.pool import NullPool
 
 from writeturn import (
     ConfigurationError,
@@ -22,6 +24,8 @@ from writeturn import (
 from writeturn._options import MAX_KEY, MAX_NAMESPACE, MAX_WRITER
 
 from ._db import counter, create_tables, serializer
+
+SECRET = "pw_s3cret"
 
 
 async def bump(session: AsyncSession, key: str = "k") -> str:
@@ -101,3 +105,67 @@ async def test_a_megabyte_key_is_not_repeated_in_the_error(db_url: str) -> None:
             with pytest.raises(ConfigurationError) as info:
                 ser.submit(bump, **kwargs)
             assert len(str(info.value)) < 500 and "characters)" in str(info.value)
+
+
+# -- 2. SQLite's busy timeout, batch bounds, engine options ----------------------------
+
+
+async def test_the_largest_busy_timeout_sqlite_holds_is_the_limit(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    with pytest.raises(ConfigurationError, match="32-bit count of milliseconds"):
+        WriteSerializer.from_url(url, sqlite_busy_timeout=3e6)
+    async with serializer(url, sqlite_busy_timeout=2_147_483.647) as ser:
+        async with ser.engine.connect() as conn:
+            busy = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+            await conn.rollback()
+    assert busy == 2**31 - 1  # SQLite kept it whole: one millisecond more would wrap
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [({"batch_max": 10**9}, "from 1 to 10000"), ({"batch_window": 1e9}, "at most 1.0 seconds")],
+)
+def test_batches_too_large_to_help_are_refused(
+    tmp_path: Path, options: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        WriteSerializer.from_url(f"sqlite:///{tmp_path / 'app.db'}", **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"pool_size": "x"}, "pool_size='x'"),
+        ({"echo": "loud"}, "echo='loud'"),
+        ({"pool_sise": 5}, "pool_sise=5"),
+        ({"execution_options": "x"}, "execution_options='x'"),
+        ({"poolclass": NullPool, "pool_size": 3}, "pool_size=3"),
+        ({"pool_size": 2, "connect_args": "password=x"}, "connect_args='password=x'"),
+    ],
+)
+@pytest.mark.parametrize("scheme", ["sqlite", "postgresql"])
+def test_a_bad_engine_option_is_named_without_the_password(
+    tmp_path: Path, scheme: str, options: dict[str, Any], named: str
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'app.db'}"
+        if scheme == "sqlite"
+        else f"postgresql://app:{SECRET}@127.0.0.1:1/db"
+    )
+    with pytest.raises(ConfigurationError) as info:
+        WriteSerializer.from_url(url, **options)
+    message = str(info.value)
+    assert named in message and "create_engine() documentation" in message
+    assert SECRET not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_password_in_connect_args_is_masked(tmp_path: Path) -> None:
+    # A bad option's error must not echo a password passed beside it.
+    with pytest.raises(ConfigurationError) as info:
+        WriteSerializer.from_url(
+            "postgresql://app@127.0.0.1:1/db",
+            connect_args={"password": SECRET},
+            execution_options=f"password={SECRET}",
+        )
+    assert "execution_options=" in str(info.value) and SECRET not in str(info.value)

@@ -15,6 +15,7 @@ from writeturn._options import (
     MAX_NAMESPACE,
     MAX_WRITER,
     Options,
+    check_busy_timeout,
     check_idempotency_key,
     check_key,
     check_writer,
@@ -82,6 +83,31 @@ def test_shown_cuts_long_values_and_says_how_long() -> None:
     long = shown("a" * 1000)
     assert long.startswith("'" + "a" * SHOWN_CHARS + "'...") and long.endswith("(1000 characters)")
     assert len(long) < SHOWN_CHARS + 40
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"batch_max": 10**9}, "from 1 to 10000"),
+        ({"batch_max": 0}, "from 1 to 10000"),
+        ({"batch_window": 1e9}, "at most 1.0 seconds"),
+    ],
+)
+def test_batch_options_have_sane_upper_bounds(options: dict[str, Any], fragment: str) -> None:
+    message = refusal(Options, **options)
+    assert fragment in message
+    assert "one transaction" in message or "delays every write" in message  # says why
+
+
+def test_batch_bounds_themselves_are_accepted() -> None:
+    assert Options(batch_max=10_000, batch_window=1.0).batch_max == 10_000
+
+
+def test_busy_timeout_fits_sqlites_32_bit_milliseconds() -> None:
+    assert check_busy_timeout(2_147_483.647) == 2_147_483.647
+    message = refusal(check_busy_timeout, 3e6)
+    assert "sqlite_busy_timeout=3000000.0 is too long" in message
+    assert "32-bit count of milliseconds" in message
 
 
 def test_a_long_url_is_cut_and_its_password_masked() -> None:
