@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -331,11 +333,9 @@ class WriteSerializer:
         another process; an UNKNOWN outcome only with an idempotency key.
         Awaiting the handle returns ``fn``'s result once the transaction
         committed (None for a duplicate, whose ``fn`` did not run).
+        ``fn`` must be an ``async def``: a plain function is refused here.
         """
-        if not callable(fn):
-            raise ConfigurationError(
-                f"submit() needs an async function taking the session first, got {shown(fn)}"
-            )
+        _check_write_function(fn)
         record = self._new_record(fn, args, kwargs or None, key, writer, timeout, idempotency_key)
         record.retries = self._rt.options.retries if retries is None else check_retries(retries)
         record.context = contextvars.copy_context()
@@ -495,6 +495,41 @@ class WriteSerializer:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_write_function(fn: object) -> None:
+    """Refuse, before it runs, a write function that is not an ``async def``.
+
+    A plain function, a method, a ``functools.partial`` of either, or an
+    object whose ``__call__`` is one, is refused here. What cannot be told
+    without calling it (a class, a builtin, a C-level callable) runs, and a
+    result that is not awaitable is refused then (the write rolls back).
+    """
+    if not callable(fn):
+        raise ConfigurationError(
+            f"submit() needs an async function taking the session first, got {shown(fn)}"
+        )
+    target: object = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target):
+        return
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isclass(target)):
+        target = type(target).__call__  # a callable object: what calling it runs
+    if inspect.ismethod(target):
+        target = target.__func__
+    if not inspect.isfunction(target) or inspect.iscoroutinefunction(target):
+        return
+    # A decorator that kept the async function's identity (functools.wraps)
+    # returns that function's coroutine: let it run (checked then).
+    if inspect.iscoroutinefunction(inspect.unwrap(target)):
+        return
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    what = "an async generator" if inspect.isasyncgenfunction(target) else "a plain function"
+    raise ConfigurationError(
+        f"the write function {shown(name)} is {what}, not an `async def`; nothing was "
+        "queued. Define it as `async def fn(session, ...)` and await the session's calls in it"
+    )
 
 
 def _create_engine(url: URL, options: dict[str, Any]) -> AsyncEngine:

@@ -8,6 +8,7 @@ have refused, or deadlocked until a timeout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.pool import NullPool
 
 from writeturn import (
     ConfigurationError,
+    Outcome,
     WriteSerializer,
     migrations,
 )
@@ -169,3 +171,101 @@ def test_a_password_in_connect_args_is_masked(tmp_path: Path) -> None:
             execution_options=f"password={SECRET}",
         )
     assert "execution_options=" in str(info.value) and SECRET not in str(info.value)
+
+
+# -- 3. a plain def is refused before it runs ------------------------------------------
+
+
+RAN: list[str] = []
+
+
+def plain(session: Any) -> None:
+    RAN.append("plain")
+
+
+async def agen(session: Any) -> Any:
+    RAN.append("agen")
+    yield None
+
+
+class SyncCall:
+    def __call__(self, session: Any) -> None:
+        RAN.append("SyncCall")
+
+    def method(self, session: Any) -> None:
+        RAN.append("method")
+
+
+class AsyncCall:
+    async def __call__(self, session: AsyncSession) -> str:
+        return await bump(session)
+
+    async def method(self, session: AsyncSession) -> str:
+        return await bump(session)
+
+
+def keeps_identity(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(session: Any) -> Any:
+        return fn(session)
+
+    return wrapper
+
+
+class NotAwaitable:
+    """Calling a class cannot be told apart from calling an async function without calling it."""
+
+    def __init__(self, session: Any) -> None:
+        RAN.append("NotAwaitable")
+
+
+REFUSED = {
+    "def": plain,
+    "lambda": lambda session: RAN.append("lambda"),
+    "partial of a def": functools.partial(plain),
+    "partial of a partial": functools.partial(functools.partial(plain)),
+    "object with a sync __call__": SyncCall(),
+    "sync method": SyncCall().method,
+    "partial of a sync object": functools.partial(SyncCall()),
+    "async generator": agen,
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+async def test_a_plain_function_is_refused_before_it_runs(sqlite_url: str, name: str) -> None:
+    RAN.clear()
+    async with serializer(sqlite_url) as ser:
+        with pytest.raises(ConfigurationError, match=r"not an `async def`.*nothing was queued"):
+            ser.submit(REFUSED[name])
+        with pytest.raises(ConfigurationError, match="not an `async def`"):
+            await ser.run(REFUSED[name])
+        assert nothing_queued(ser)
+    assert RAN == []
+
+
+ACCEPTED = {
+    "async def": bump,
+    "partial of an async def": functools.partial(bump, key="k"),
+    "object with an async __call__": AsyncCall(),
+    "async method": AsyncCall().method,
+    "partial of an async object": functools.partial(AsyncCall()),
+    "wrapped with functools.wraps": keeps_identity(bump),
+}
+
+
+async def test_async_callables_of_every_shape_run(sqlite_url: str) -> None:
+    async with serializer(sqlite_url) as ser:
+        await create_tables(ser.engine)
+        for fn in ACCEPTED.values():
+            assert await ser.run(fn) == "bumped"
+        assert await counter(ser.engine) == len(ACCEPTED)
+
+
+async def test_what_cannot_be_told_is_still_checked_when_it_runs(sqlite_url: str) -> None:
+    RAN.clear()
+    async with serializer(sqlite_url) as ser:
+        handle = ser.submit(NotAwaitable)
+        with pytest.raises(ConfigurationError, match="returned NotAwaitable, not an awaitable"):
+            await handle
+        assert handle.outcome is Outcome.ROLLED_BACK
+    assert RAN == ["NotAwaitable"]
