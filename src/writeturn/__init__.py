@@ -17,6 +17,7 @@ from .errors import (
     ConfigurationError,
     ConnectionLost,
     DatabaseUnreachable,
+    IdempotencyKeyReused,
     JournalMissing,
     OutcomeUnknown,
     QueueFull,
@@ -56,6 +57,7 @@ __all__ = [
     "DatabaseUnreachable",
     "ConnectionLost",
     "JournalMissing",
+    "IdempotencyKeyReused",
     "QueueFull",
 ]
 

@@ -23,6 +23,7 @@ __all__ = [
     "QueueFull",
     "JournalMissing",
     "TransactionAborted",
+    "IdempotencyKeyReused",
 ]
 
 #: How many characters of a value an error message shows at most.
@@ -93,6 +94,10 @@ class QueueFull(WriteturnError):
 
 class ConnectionLost(WriteturnError):
     """The connection to the database was lost during the write; the cause says how."""
+
+
+class IdempotencyKeyReused(ConfigurationError):
+    """The idempotency key was already used by a committed write on a different key."""
 
 
 class JournalMissing(WriteturnError):

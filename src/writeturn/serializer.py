@@ -332,7 +332,9 @@ class WriteSerializer:
         lost with the outcome known to be ROLLED_BACK, SQLite busy from
         another process; an UNKNOWN outcome only with an idempotency key.
         Awaiting the handle returns ``fn``'s result once the transaction
-        committed (None for a duplicate, whose ``fn`` did not run).
+        committed (None for a duplicate, whose ``fn`` did not run). An
+        idempotency key already used on another key raises
+        :class:`IdempotencyKeyReused` (ROLLED_BACK; ``fn`` does not run).
         ``fn`` must be an ``async def``: a plain function is refused here.
         """
         _check_write_function(fn)

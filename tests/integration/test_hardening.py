@@ -7,6 +7,7 @@ have refused, or deadlocked until a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 from pathlib import Path
@@ -19,6 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from writeturn import (
     ConfigurationError,
+    IdempotencyKeyReused,
     Outcome,
     WriteSerializer,
     migrations,
@@ -269,3 +271,62 @@ async def test_what_cannot_be_told_is_still_checked_when_it_runs(sqlite_url: str
             await handle
         assert handle.outcome is Outcome.ROLLED_BACK
     assert RAN == ["NotAwaitable"]
+
+
+# -- 5. an idempotency key reused on another key --------------------------------------
+
+
+async def test_an_idempotency_key_reused_on_another_key_is_refused(db_url: str) -> None:
+    await migrated(db_url, "a", "b")
+    async with serializer(db_url) as ser:
+        first = ser.submit(bump, "a", key="a", idempotency_key="req-1")
+        assert await first == "bumped" and first.seq == 1
+        other = ser.submit(bump, "b", key="b", idempotency_key="req-1")
+        with pytest.raises(IdempotencyKeyReused) as info:
+            await other
+        message = str(info.value)
+        assert "'req-1'" in message and "on key 'a'" in message and "on key 'b'" in message
+        assert isinstance(info.value, ConfigurationError)
+        # Its function did not run, its transaction rolled back, and it has no seq.
+        assert other.outcome is Outcome.ROLLED_BACK
+        assert other.seq is None and other.duplicate is False
+        assert await counter(ser.engine, "b") == 0
+        # The key's own writes go on: the next write on b is b's seq 1.
+        nxt = ser.submit(bump, "b", key="b", idempotency_key="req-2")
+        assert await nxt == "bumped" and nxt.seq == 1
+        # On the key it was first used on, the idempotency key is still a duplicate.
+        again = ser.submit(bump, "a", key="a", idempotency_key="req-1")
+        assert await again is None and again.duplicate and again.seq == 1
+        assert await journal_rows(ser) == [("a", 1, "req-1"), ("b", 1, "req-2")]
+        assert await counter(ser.engine, "a") == 1
+
+
+async def test_a_reused_idempotency_key_in_a_batch_fails_alone(db_url: str) -> None:
+    await migrated(db_url, "a", "b")
+    async with serializer(db_url, batch_max=8, batch_window=0.01) as ser:
+        await ser.run(bump, "a", key="a", idempotency_key="req-1")
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(session: AsyncSession) -> None:
+            started.set()
+            await release.wait()
+
+        holder = ser.submit(hold, key="b")
+        await started.wait()
+        queued = [
+            ser.submit(bump, "b", key="b", idempotency_key=ik) for ik in ("b-1", "req-1", "b-2")
+        ]
+        release.set()
+        await holder
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert isinstance(results[1], IdempotencyKeyReused)
+        assert [h.outcome for h in queued] == [
+            Outcome.COMMITTED,
+            Outcome.ROLLED_BACK,
+            Outcome.COMMITTED,
+        ]
+        assert await counter(ser.engine, "b") == 2
+        assert [r for r in await journal_rows(ser) if r[0] == "b"] == [
+            ("b", 1, "b-1"),
+            ("b", 2, "b-2"),
+        ]
