@@ -73,7 +73,8 @@ class WriteSerializer:
        then the cancellation propagates. ``asyncio.timeout`` around any call
        still raises ``TimeoutError``.
     6. Outcome truth: ``outcome == COMMITTED`` iff the effects are in the database.
-    7. Re-entrancy: a write on a key whose turn this task holds raises
+    7. Re-entrancy: a write on a key whose turn this task holds, or was
+       started inside while that turn's holder runs, raises
        :class:`ReentrantWriteError` at once (on SQLite: any key, since SQLite
        has one writer).
     8. Timeouts: ``timeout`` bounds the whole write, waiting included, and
@@ -474,18 +475,38 @@ class WriteSerializer:
         )
 
     def _check_reentrant(self, key: str) -> None:
-        held = holds_turn(self._rt, key)
-        if held is not None:
-            where = (
-                "SQLite has a single writer, so any write"
-                if self._rt.gate is not None and held != key
-                else f"a write on key {shown(key)}"
-            )
+        """Refuse a write that its own caller's turn would make wait forever.
+
+        Counted: a turn the current task holds, and a turn the current task
+        was started inside (``gather``, ``create_task``, ``wait_for`` from a
+        write copy its context) while that turn's holder still runs. The
+        second is a deadlock when the holder awaits the new write, and is
+        refused even when it would not: a task cannot tell the two apart.
+        """
+        rt = self._rt
+        held = holds_turn(rt, key)
+        spawned = held is None
+        if spawned:
+            held = holds_turn(rt, key, inside=True)
+        if held is None:
+            return
+        where = (
+            "SQLite has a single writer, so any write"
+            if rt.gate is not None and held != key
+            else f"a write on key {shown(key)}"
+        )
+        if spawned:
             raise ReentrantWriteError(
-                f"{where} started inside this task's turn on key {shown(held)} would wait for "
-                "that turn forever; do the work in the same transaction (use the session "
-                "you already have), or start the write after the turn ends"
+                f"{where} started from a task spawned inside the turn on key {shown(held)}, "
+                "while that turn still runs, is refused: if the turn awaits it, it waits "
+                "forever. Do the work in the same transaction (use the session you already "
+                "have), or start the write after the turn ends"
             )
+        raise ReentrantWriteError(
+            f"{where} started inside this task's turn on key {shown(held)} would wait for "
+            "that turn forever; do the work in the same transaction (use the session "
+            "you already have), or start the write after the turn ends"
+        )
 
     def _start(self, record: WriteRecord) -> None:
         """The write's turn came: run it, alone or with the writes queued behind it."""

@@ -22,12 +22,13 @@ from writeturn import (
     ConfigurationError,
     IdempotencyKeyReused,
     Outcome,
+    ReentrantWriteError,
     WriteSerializer,
     migrations,
 )
 from writeturn._options import MAX_KEY, MAX_NAMESPACE, MAX_WRITER
 
-from ._db import counter, create_tables, serializer
+from ._db import counter, create_tables, ledger, record, serializer
 
 SECRET = "pw_s3cret"
 
@@ -330,3 +331,110 @@ async def test_a_reused_idempotency_key_in_a_batch_fails_alone(db_url: str) -> N
             ("b", 1, "b-1"),
             ("b", 2, "b-2"),
         ]
+
+
+# -- 6. re-entrancy through a task started inside the turn ----------------------------
+
+
+async def test_a_write_gathered_from_inside_its_own_turn_is_refused(db_url: str) -> None:
+    async with serializer(db_url) as ser:
+        await create_tables(ser.engine)
+
+        async def outer(session: AsyncSession, spawn: str) -> None:
+            await record(session, "k", "outer", 1)
+            inner = ser.run(record, "k", "inner", 2, key="k")
+            async with asyncio.timeout(5):  # before the check: a deadlock until here
+                if spawn == "gather":
+                    await asyncio.gather(inner)
+                elif spawn == "task":
+                    await asyncio.get_running_loop().create_task(inner)
+                else:
+                    await asyncio.wait_for(inner, 10)
+
+        for spawn in ("gather", "task", "wait_for"):
+            with pytest.raises(ReentrantWriteError, match="spawned inside the turn on key 'k'"):
+                await ser.run(outer, spawn, key="k")
+        async with ser.transaction(key="k") as session:
+            await record(session, "k", "block", 3)
+            with pytest.raises(ReentrantWriteError):
+                async with asyncio.timeout(5):
+                    await asyncio.gather(ser.run(record, "k", "inner", 4, key="k"))
+            if ser.engine.dialect.name == "sqlite":  # one writer: any key would wait
+                with pytest.raises(ReentrantWriteError, match="single writer"):
+                    async with asyncio.timeout(5):
+                        await asyncio.gather(ser.run(record, "o", "other", 5, key="o"))
+            else:  # Postgres: another key runs beside it
+                await asyncio.gather(ser.run(record, "o", "other", 5, key="o"))
+        assert ser.stats().committed == (1 if ser.engine.dialect.name == "sqlite" else 2)
+        assert {r[3] for r in await ledger(ser.engine)} == (
+            {3} if ser.engine.dialect.name == "sqlite" else {3, 5}
+        )
+
+
+async def test_a_task_started_inside_a_write_writes_once_the_write_ended(db_url: str) -> None:
+    async with serializer(db_url) as ser:
+        await create_tables(ser.engine)
+        ended = asyncio.Event()
+        later: list[asyncio.Task[Any]] = []
+
+        async def after_the_turn(seq: int) -> None:
+            await ended.wait()
+            await ser.run(record, "k", "later", seq, key="k")
+
+        async def spawns(session: AsyncSession) -> None:
+            later.append(asyncio.get_running_loop().create_task(after_the_turn(1)))
+
+        await ser.run(spawns, key="k")
+        ended.set()
+        await asyncio.wait_for(later[0], 10)
+        # A transaction() block runs in the caller's task, which lives on after
+        # the block: its turn counts only while the key's turn is taken.
+        ended.clear()
+        async with ser.transaction(key="k"):
+            later.append(asyncio.get_running_loop().create_task(after_the_turn(2)))
+        ended.set()
+        await asyncio.wait_for(later[1], 10)
+        assert sorted(r[3] for r in await ledger(ser.engine)) == [1, 2]
+
+
+async def test_a_task_started_inside_a_block_may_close_once_the_block_ended(db_url: str) -> None:
+    ser = WriteSerializer.from_url(db_url)
+    async with ser:
+        ended = asyncio.Event()
+
+        async def close_later() -> None:
+            await ended.wait()
+            await ser.close()
+
+        async with ser.transaction(key="k"):
+            closer = asyncio.get_running_loop().create_task(close_later())
+        ended.set()
+        await asyncio.wait_for(closer, 10)
+        assert repr(ser).count(" closed ") == 1
+
+
+async def test_a_task_started_inside_a_write_is_refused_while_the_write_runs(
+    db_url: str,
+) -> None:
+    # The documented limit: the write might await it (a deadlock), and a task
+    # cannot tell whether it will, so it is refused even when it would not.
+    async with serializer(db_url) as ser:
+        await create_tables(ser.engine)
+        refused: list[BaseException] = []
+
+        async def background() -> None:
+            try:
+                ser.submit(record, "k", "background", 2, key="k")
+            except ReentrantWriteError as exc:
+                refused.append(exc)
+
+        async def spawns(session: AsyncSession) -> None:
+            task = asyncio.get_running_loop().create_task(background())
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert task.done()
+            await record(session, "k", "outer", 1)
+
+        await ser.run(spawns, key="k")
+        assert len(refused) == 1
+        assert [r[3] for r in await ledger(ser.engine)] == [1]
