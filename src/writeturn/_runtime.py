@@ -40,13 +40,17 @@ def holds_turn(rt: Runtime, key: str | None = None, *, inside: bool = False) -> 
     With ``key``, only that key counts, except on SQLite, where any held turn
     does (one writer per database). With ``inside``, a turn also counts when
     the current task was started inside it (its context was copied there,
-    e.g. by ``wait_for``) and the turn's holder is still running.
+    e.g. by ``wait_for``), the turn's holder is still running and the key's
+    turn is still taken: a ``transaction()`` block's holder is the caller's
+    task, which runs on after the block has handed its turn on.
     """
     task = asyncio.current_task()
     for owner, held, holder in HELD.get():
         if owner is not rt or not (key is None or held == key or rt.gate):
             continue
-        if holder is task or (inside and not holder.done()):
+        if holder is task:
+            return held
+        if inside and not holder.done() and rt.turns.key_statistics(held).held:
             return held
     return None
 

@@ -19,8 +19,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._options import check_busy_timeout
 from ._sqlite_connect import join_failed_connects
-from .errors import ConfigurationError, UnsupportedDatabase
+from .errors import ConfigurationError, UnsupportedDatabase, shown
 from .outcome import Outcome
 
 __all__ = [
@@ -46,6 +47,15 @@ def lock_id(namespace: str, key: str) -> int:
     A stable hash (BLAKE2b), identical in every process and on every machine;
     Python's ``hash()`` is salted per process and would not be. Personalised
     for writes, so no write key can share a lock with the migration lock.
+
+    The derivation is part of the compatibility contract: every release must
+    compute the same id for the same (namespace, key). During a rolling
+    deploy, old and new processes write side by side, and a different
+    derivation would let them take different locks for one key: both would
+    write at once. (``tests/unit/test_lock_ids.py`` pins known ids.) The
+    input joins namespace and key with a NUL, so neither may contain one,
+    or ``('a', 'b\\x00c')`` and ``('a\\x00b', 'c')`` would share a lock:
+    the serializer refuses such names before any write.
     """
     digest = hashlib.blake2b(
         f"{namespace}\x00{key}".encode(), digest_size=8, person=b"writeturn.write"
@@ -362,13 +372,14 @@ def configure_sqlite_engine(engine: AsyncEngine, *, synchronous: str, busy_timeo
     on power loss, while ``FULL`` makes each COMMIT durable at the cost of a
     flush per transaction.
     """
-    sync = synchronous.upper()
+    sync = synchronous.upper() if isinstance(synchronous, str) else synchronous
     if sync not in SQLITE_SYNCHRONOUS:
         raise ConfigurationError(
-            f"sqlite_synchronous={synchronous!r} is not a SQLite synchronous level; "
+            f"sqlite_synchronous={shown(synchronous)} is not a SQLite synchronous level; "
             f"use one of {', '.join(SQLITE_SYNCHRONOUS)} (NORMAL is the default, FULL is durable)"
         )
-    timeout_ms = int(busy_timeout * 1000)
+    seconds = check_busy_timeout(busy_timeout)
+    timeout_ms = int(seconds * 1000)
     join_failed_connects(engine)
 
     @event.listens_for(engine.sync_engine, "connect")

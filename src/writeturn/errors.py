@@ -8,6 +8,7 @@ say how to fix it; they never contain a database password (see
 from __future__ import annotations
 
 __all__ = [
+    "shown",
     "WriteturnError",
     "ConfigurationError",
     "UnsupportedDatabase",
@@ -23,7 +24,26 @@ __all__ = [
     "JournalMissing",
     "TransactionAborted",
     "PoolExhausted",
+    "IdempotencyKeyReused",
 ]
+
+#: How many characters of a value an error message shows at most.
+SHOWN_CHARS = 80
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters.
+
+    A cut value ends with ``...`` and, for a string, its full length, so a
+    1 MB key is named in a line instead of repeated in full. A string is cut
+    before its repr is built: the cost stays small whatever its size.
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__})"
 
 
 class WriteturnError(Exception):
@@ -75,6 +95,10 @@ class QueueFull(WriteturnError):
 
 class ConnectionLost(WriteturnError):
     """The connection to the database was lost during the write; the cause says how."""
+
+
+class IdempotencyKeyReused(ConfigurationError):
+    """The idempotency key was already used by a committed write on a different key."""
 
 
 class JournalMissing(WriteturnError):

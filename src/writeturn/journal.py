@@ -19,7 +19,7 @@ from sqlalchemy import String, TextClause, bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .errors import JournalMissing
+from .errors import IdempotencyKeyReused, JournalMissing, shown
 
 __all__ = ["JournalEntry", "record", "lookup", "probe", "missing_table", "check_table"]
 
@@ -63,7 +63,11 @@ class JournalEntry:
 async def record(
     conn: AsyncConnection, namespace: str, key: str, idempotency_key: str | None, writer: str | None
 ) -> JournalEntry:
-    """Insert this write's journal row inside its transaction (the key's lock is held)."""
+    """Insert this write's journal row inside its transaction (the key's lock is held).
+
+    Raises :class:`IdempotencyKeyReused` if the idempotency key belongs to a
+    committed write on another key.
+    """
     params = {"ns": namespace, "key": key, "ik": idempotency_key, "writer": writer}
     try:
         seq = (await conn.execute(_RECORD, params)).scalar()
@@ -74,6 +78,17 @@ async def record(
     if seq is not None:
         return JournalEntry(seq=int(seq), duplicate=False)
     row = (await conn.execute(_LOOKUP, {"ns": namespace, "ik": idempotency_key})).one()
+    if row[1] != key:
+        # Idempotency keys are per namespace, not per key: the same one on
+        # another key is a caller's bug, and reporting it as a duplicate
+        # would hand out the other key's seq for a write that never ran.
+        raise IdempotencyKeyReused(
+            f"idempotency_key {shown(idempotency_key)} was already used by a committed write "
+            f"on key {shown(row[1])}, and this write is on key {shown(key)}; an idempotency "
+            "key names one write in its namespace, so this write did not run and was rolled "
+            "back. Give each write its own idempotency key, e.g. "
+            "idempotency_key=f'{key}:{request_id}'"
+        )
     return JournalEntry(seq=int(row[0]), duplicate=True)
 
 

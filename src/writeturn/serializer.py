@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -17,6 +19,7 @@ from ._batch import BatchRun
 from ._options import (
     Coordination,
     Options,
+    check_busy_timeout,
     check_idempotency_key,
     check_key,
     check_retries,
@@ -36,6 +39,7 @@ from .errors import (
     ReentrantWriteError,
     SerializerClosed,
     SerializerNotStarted,
+    shown,
 )
 from .handle import WriteHandle
 from .outcome import Outcome
@@ -69,7 +73,8 @@ class WriteSerializer:
        then the cancellation propagates. ``asyncio.timeout`` around any call
        still raises ``TimeoutError``.
     6. Outcome truth: ``outcome == COMMITTED`` iff the effects are in the database.
-    7. Re-entrancy: a write on a key whose turn this task holds raises
+    7. Re-entrancy: a write on a key whose turn this task holds, or was
+       started inside while that turn's holder runs, raises
        :class:`ReentrantWriteError` at once (on SQLite: any key, since SQLite
        has one writer).
     8. Timeouts: ``timeout`` bounds the whole write, waiting included, and
@@ -164,10 +169,10 @@ class WriteSerializer:
         backend = backend_of(parsed)
         if backend != "sqlite" and sqlite_synchronous is not None:
             raise ConfigurationError(
-                f"sqlite_synchronous={sqlite_synchronous!r} applies to SQLite only, and "
+                f"sqlite_synchronous={shown(sqlite_synchronous)} applies to SQLite only, and "
                 f"{redact(parsed)} is {backend}; drop the option"
             )
-        busy = check_seconds("sqlite_busy_timeout", sqlite_busy_timeout, allow_zero=True)
+        busy = check_busy_timeout(sqlite_busy_timeout)
         parsed, engine_options = urls.engine_options(parsed, engine_options)
         if pgbouncer:
             if backend != "postgresql":
@@ -176,12 +181,12 @@ class WriteSerializer:
                     f"{backend}; drop the option"
                 )
             parsed, engine_options = for_transaction_pooler(parsed, engine_options)
-        engine = create_async_engine(parsed, **engine_options)
-        if backend == "sqlite":
-            configure_sqlite_engine(
-                engine, synchronous=sqlite_synchronous or "NORMAL", busy_timeout=busy
-            )
+        engine = _create_engine(parsed, engine_options)
         try:
+            if backend == "sqlite":
+                configure_sqlite_engine(
+                    engine, synchronous=sqlite_synchronous or "NORMAL", busy_timeout=busy
+                )
             ser = cls(
                 engine,
                 coordination=coordination,
@@ -256,7 +261,7 @@ class WriteSerializer:
         held = holds_turn(self._rt, inside=True)
         if held is not None:
             raise ReentrantWriteError(
-                f"close() called inside a write on key {held!r} of this serializer would wait "
+                f"close() called inside a write on key {shown(held)} of this serializer would wait "
                 "for that write forever; close the serializer after the write, from outside it"
             )
         if self._closing is None:
@@ -348,12 +353,12 @@ class WriteSerializer:
         lost with the outcome known to be ROLLED_BACK, SQLite busy from
         another process; an UNKNOWN outcome only with an idempotency key.
         Awaiting the handle returns ``fn``'s result once the transaction
-        committed (None for a duplicate, whose ``fn`` did not run).
+        committed (None for a duplicate, whose ``fn`` did not run). An
+        idempotency key already used on another key raises
+        :class:`IdempotencyKeyReused` (ROLLED_BACK; ``fn`` does not run).
+        ``fn`` must be an ``async def``: a plain function is refused here.
         """
-        if not callable(fn):
-            raise ConfigurationError(
-                f"submit() needs an async function taking the session first, got {fn!r}"
-            )
+        _check_write_function(fn)
         record = self._new_record(fn, args, kwargs or None, key, writer, timeout, idempotency_key)
         record.retries = self._rt.options.retries if retries is None else check_retries(retries)
         record.context = contextvars.copy_context()
@@ -471,10 +476,10 @@ class WriteSerializer:
         max_queue = rt.options.max_queue
         if max_queue is not None and rt.turns.waiting(k) >= max_queue:
             raise QueueFull(
-                f"{max_queue} writes already wait for key {k!r} (max_queue={max_queue}); nothing "
-                "was queued. Slow down and retry later, or raise max_queue; a database that is "
-                "down makes writes fail fast, so a full queue usually means writes arrive faster "
-                "than the database commits them"
+                f"{max_queue} writes already wait for key {shown(k)} (max_queue={max_queue}); "
+                "nothing was queued. Slow down and retry later, or raise max_queue; a database "
+                "that is down makes writes fail fast, so a full queue usually means writes "
+                "arrive faster than the database commits them"
             )
         return WriteRecord(
             rt,
@@ -490,18 +495,38 @@ class WriteSerializer:
         )
 
     def _check_reentrant(self, key: str) -> None:
-        held = holds_turn(self._rt, key)
-        if held is not None:
-            where = (
-                "SQLite has a single writer, so any write"
-                if self._rt.gate is not None and held != key
-                else f"a write on key {key!r}"
-            )
+        """Refuse a write that its own caller's turn would make wait forever.
+
+        Counted: a turn the current task holds, and a turn the current task
+        was started inside (``gather``, ``create_task``, ``wait_for`` from a
+        write copy its context) while that turn's holder still runs. The
+        second is a deadlock when the holder awaits the new write, and is
+        refused even when it would not: a task cannot tell the two apart.
+        """
+        rt = self._rt
+        held = holds_turn(rt, key)
+        spawned = held is None
+        if spawned:
+            held = holds_turn(rt, key, inside=True)
+        if held is None:
+            return
+        where = (
+            "SQLite has a single writer, so any write"
+            if rt.gate is not None and held != key
+            else f"a write on key {shown(key)}"
+        )
+        if spawned:
             raise ReentrantWriteError(
-                f"{where} started inside this task's turn on key {held!r} would wait for "
-                "that turn forever; do the work in the same transaction (use the session "
-                "you already have), or start the write after the turn ends"
+                f"{where} started from a task spawned inside the turn on key {shown(held)}, "
+                "while that turn still runs, is refused: if the turn awaits it, it waits "
+                "forever. Do the work in the same transaction (use the session you already "
+                "have), or start the write after the turn ends"
             )
+        raise ReentrantWriteError(
+            f"{where} started inside this task's turn on key {shown(held)} would wait for "
+            "that turn forever; do the work in the same transaction (use the session "
+            "you already have), or start the write after the turn ends"
+        )
 
     def _start(self, record: WriteRecord) -> None:
         """The write's turn came: run it, alone or with the writes queued behind it."""
@@ -525,3 +550,95 @@ def _pooler_hint(url: URL, why: str) -> str:
         "?prepared_statement_cache_size=0 in its URL, then pass WriteSerializer(engine, "
         "pgbouncer=True)"
     )
+
+
+def _check_write_function(fn: object) -> None:
+    """Refuse, before it runs, a write function that is not an ``async def``.
+
+    A plain function, a method, a ``functools.partial`` of either, or an
+    object whose ``__call__`` is one, is refused here. What cannot be told
+    without calling it (a class, a builtin, a C-level callable) runs, and a
+    result that is not awaitable is refused then (the write rolls back).
+    """
+    if not callable(fn):
+        raise ConfigurationError(
+            f"submit() needs an async function taking the session first, got {shown(fn)}"
+        )
+    target: object = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target):
+        return
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isclass(target)):
+        target = type(target).__call__  # a callable object: what calling it runs
+    if inspect.ismethod(target):
+        target = target.__func__
+    if not inspect.isfunction(target) or inspect.iscoroutinefunction(target):
+        return
+    # A decorator that kept the async function's identity (functools.wraps)
+    # returns that function's coroutine: let it run (checked then).
+    if inspect.iscoroutinefunction(inspect.unwrap(target)):
+        return
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    what = "an async generator" if inspect.isasyncgenfunction(target) else "a plain function"
+    raise ConfigurationError(
+        f"the write function {shown(name)} is {what}, not an `async def`; nothing was "
+        "queued. Define it as `async def fn(session, ...)` and await the session's calls in it"
+    )
+
+
+def _create_engine(url: URL, options: dict[str, Any]) -> AsyncEngine:
+    """``create_async_engine(url, **options)``, with a bad option named in a ConfigurationError.
+
+    SQLAlchemy refuses a bad option with whatever its code happens to raise
+    (TypeError, KeyError, ValueError, ...), often without naming it.
+    """
+    try:
+        return create_async_engine(url, **options)
+    except Exception as exc:
+        error = exc
+    culprits = [name for name in options if not _engine_accepts(url, {name: options[name]})]
+    if not culprits:  # each is fine alone: name those the error names, else all of them
+        culprits = [name for name in options if repr(name) in str(error)] or list(options)
+    named = ", ".join(_option(name, options[name]) for name in culprits)
+    message = (
+        f"create_async_engine() refused the engine option{'s' if len(culprits) > 1 else ''} "
+        f"{named} ({describe_error(error, url)}); check the option's name and type against "
+        "SQLAlchemy's create_engine() documentation (e.g. pool_size=10, "
+        "connect_args={'timeout': 2}), or drop it"
+    )
+    for secret in _secrets(options):  # a password passed beside the bad option
+        message = message.replace(secret, "***")
+    raise ConfigurationError(message) from None
+
+
+def _engine_accepts(url: URL, options: dict[str, Any]) -> bool:
+    try:
+        engine = create_async_engine(url, **options)
+    except Exception:
+        return False
+    engine.sync_engine.dispose()  # no connection was made: this only drops the empty pool
+    return True
+
+
+_SECRET_NAMES = ("password", "passwd", "secret", "token", "pwd")
+
+
+def _option(name: str, value: object) -> str:
+    """``name=value`` for a message; a value that may hold a secret shows only its type."""
+    if isinstance(value, bool | int | float | str | None) and not any(
+        part in name.lower() for part in _SECRET_NAMES
+    ):
+        return f"{name}={shown(value)}"
+    return f"{name} (a {type(value).__name__})"
+
+
+def _secrets(options: dict[str, Any]) -> list[str]:
+    """String values under secret-looking names, at any depth of ``options`` (e.g. connect_args)."""
+    found: list[str] = []
+    for name, value in options.items():
+        if isinstance(value, dict):
+            found += _secrets({str(k): v for k, v in value.items()})
+        elif isinstance(value, str) and value and any(p in name.lower() for p in _SECRET_NAMES):
+            found.append(value)
+    return found

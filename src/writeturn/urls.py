@@ -13,7 +13,7 @@ from typing import Any, Literal
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from .errors import UnsupportedDatabase
+from .errors import UnsupportedDatabase, shown
 
 __all__ = [
     "URL_ENV",
@@ -69,6 +69,12 @@ def redact(url: str | URL) -> str:
     return _QUERY_SECRET.sub(lambda m: f"{m['name']}***", text)
 
 
+def _named(url: str | URL) -> str:
+    """A URL for an error message: password masked, cut if very long (later than other
+    values, since the database name comes last)."""
+    return shown(redact(url), 200)
+
+
 def normalize_url(url: str | URL) -> URL:
     """Parse ``url`` and map it onto the async driver writeturn uses.
 
@@ -86,19 +92,20 @@ def normalize_url(url: str | URL) -> URL:
     except (ArgumentError, ValueError):
         # `from None`: the parser's own message may quote the URL, password included.
         raise UnsupportedDatabase(
-            f"cannot parse database URL {redact(url)!r}; use one of: {SUPPORTED_FORMS}"
+            f"cannot parse database URL {_named(url)}; use one of: {SUPPORTED_FORMS}"
         ) from None
     entry = _DRIVERS.get(parsed.drivername)
     if entry is None:
         raise UnsupportedDatabase(
-            f"unsupported database URL {redact(parsed)!r} (driver {parsed.drivername!r}); "
+            f"unsupported database URL {_named(parsed)} "
+            f"(driver {shown(parsed.drivername)}); "
             f"writeturn supports: {SUPPORTED_FORMS}"
         )
     backend, drivername = entry
     if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise UnsupportedDatabase(
-            f"SQLite URL {redact(parsed)!r} names no file; writeturn needs a database file that "
-            "every connection shares, e.g. sqlite+aiosqlite:///./app.db"
+            f"SQLite URL {_named(parsed)} names no file; writeturn needs a database file "
+            "that every connection shares, e.g. sqlite+aiosqlite:///./app.db"
         )
     return parsed.set(drivername=drivername)
 
@@ -116,7 +123,7 @@ def backend_of(url: URL) -> Backend:
     entry = _DRIVERS.get(url.drivername)
     if entry is None:
         raise UnsupportedDatabase(
-            f"unsupported database URL {redact(url)!r}; writeturn supports: {SUPPORTED_FORMS}"
+            f"unsupported database URL {_named(url)}; writeturn supports: {SUPPORTED_FORMS}"
         )
     return entry[0]
 
