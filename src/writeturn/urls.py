@@ -194,8 +194,8 @@ def engine_options(url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, An
     Returns the URL without those parameters and the engine options to use; SQLite
     URLs come back unchanged.
     """
-    if backend_of(url) != "postgresql":
-        return url, options
+    if backend_of(url) != "postgresql" or not isinstance(options.get("connect_args") or {}, dict):
+        return url, options  # not Postgres, or connect_args of a wrong type: the engine says so
     for name in sorted(url.query):
         if name in _LIBPQ_UNMAPPED:
             raise UnsupportedDatabase(
