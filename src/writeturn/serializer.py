@@ -9,7 +9,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Concatenate, TypeVar
+from typing import Any, TypeVar, TypeVarTuple, Unpack, overload
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -52,6 +52,7 @@ __all__ = ["WriteSerializer", "TransactionContext"]
 log = logging.getLogger("writeturn")
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class WriteSerializer:
@@ -327,9 +328,37 @@ class WriteSerializer:
         record = self._new_record(None, (), None, key, writer, timeout, None)
         return TransactionContext(self._rt, record, WriteHandle[None](record))
 
+    @overload
     def submit(
         self,
-        fn: Callable[Concatenate[WriteSession, ...], Awaitable[T]],
+        fn: Callable[[WriteSession, Unpack[Ts]], Awaitable[T]],
+        /,
+        *args: *Ts,
+        key: str | None = None,
+        writer: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: None = None,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> WriteHandle[T]: ...
+
+    @overload
+    def submit(
+        self,
+        fn: Callable[[WriteSession, Unpack[Ts]], Awaitable[T]],
+        /,
+        *args: *Ts,
+        key: str | None = None,
+        writer: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: str,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> WriteHandle[T | None]: ...
+
+    def submit(  # type: ignore[misc]  # mypy cannot match Unpack[Ts] against *args: Any
+        self,
+        fn: Callable[..., Awaitable[Any]],
         /,
         *args: Any,
         key: str | None = None,
@@ -338,7 +367,7 @@ class WriteSerializer:
         idempotency_key: str | None = None,
         retries: int | None = None,
         **kwargs: Any,
-    ) -> WriteHandle[T]:
+    ) -> WriteHandle[Any]:
         """Queue ``fn(session, *args, **kwargs)`` for one transaction; return its handle at once.
 
         The write takes its turn on ``key`` (None: one serializer-wide key) as
@@ -353,10 +382,17 @@ class WriteSerializer:
         lost with the outcome known to be ROLLED_BACK, SQLite busy from
         another process; an UNKNOWN outcome only with an idempotency key.
         Awaiting the handle returns ``fn``'s result once the transaction
-        committed (None for a duplicate, whose ``fn`` did not run). An
-        idempotency key already used on another key raises
+        committed, or None for a duplicate, whose ``fn`` did not run (so with
+        an ``idempotency_key`` the handle is typed ``WriteHandle[T | None]``).
+        An idempotency key already used on another key raises
         :class:`IdempotencyKeyReused` (ROLLED_BACK; ``fn`` does not run).
         ``fn`` must be an ``async def``: a plain function is refused here.
+
+        Typing: ``fn``'s first parameter must accept a :class:`WriteSession`
+        and ``args`` are checked against its other positional parameters;
+        keyword arguments for ``fn`` pass through unchecked (a keyword-only
+        parameter without a default makes the call a type error: give it a
+        default, or bind it with ``functools.partial``).
         """
         _check_write_function(fn)
         record = self._new_record(fn, args, kwargs or None, key, writer, timeout, idempotency_key)
@@ -368,9 +404,37 @@ class WriteSerializer:
             record.on_grant()
         return WriteHandle(record)
 
+    @overload
     async def run(
         self,
-        fn: Callable[Concatenate[WriteSession, ...], Awaitable[T]],
+        fn: Callable[[WriteSession, Unpack[Ts]], Awaitable[T]],
+        /,
+        *args: *Ts,
+        key: str | None = None,
+        writer: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: None = None,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+
+    @overload
+    async def run(
+        self,
+        fn: Callable[[WriteSession, Unpack[Ts]], Awaitable[T]],
+        /,
+        *args: *Ts,
+        key: str | None = None,
+        writer: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: str,
+        retries: int | None = None,
+        **kwargs: Any,
+    ) -> T | None: ...
+
+    async def run(  # type: ignore[misc]  # as submit()
+        self,
+        fn: Callable[..., Awaitable[Any]],
         /,
         *args: Any,
         key: str | None = None,
@@ -379,7 +443,7 @@ class WriteSerializer:
         idempotency_key: str | None = None,
         retries: int | None = None,
         **kwargs: Any,
-    ) -> T:
+    ) -> Any:
         """Submit ``fn`` and await its result: ``await ser.submit(...)`` in one call."""
         return await self.submit(
             fn,
