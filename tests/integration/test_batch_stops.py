@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 from sqlalchemy import text
@@ -79,3 +80,35 @@ async def test_a_write_waiting_for_the_pool_ends_at_its_own_timeout(db_url: str)
         assert h.outcome is Outcome.WITHDRAWN
         assert waited < 30 / 4  # its timeout, not the pool's
         assert await ledger(ser.engine) == []
+
+
+async def test_a_batch_waiting_for_another_process_lock_keeps_its_deadlines(
+    sqlite_url: str,
+) -> None:
+    """SQLite: another connection holds the write lock. The batch's BEGIN IMMEDIATE waits
+    no longer than its writes' deadlines (busy_timeout is 5 s), and each write stopped
+    meanwhile ends at its own timeout, not when the BEGIN gives up."""
+    path = sqlite_url.split("///", 1)[1]
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(sqlite_url, batch_max=8, sqlite_busy_timeout=5.0) as ser,
+    ):
+        await create_tables(ser.engine)
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # what another process would hold
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            handles = [ser.submit(record, "k", "w", i, key="k", timeout=0.3) for i in range(3)]
+            ends = []
+            for h in handles:
+                with pytest.raises(TurnTimeout):
+                    await h
+                ends.append(loop.time() - t0)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert all(h.outcome is Outcome.WITHDRAWN for h in handles)
+        assert max(ends) < 5.0 / 4, ends  # their timeouts, not the 5 s busy timeout
+        await ser.run(record, "k", "after", 9, key="k", timeout=10)
+        assert [r[2] for r in await ledger(ser.engine)] == ["after"]
