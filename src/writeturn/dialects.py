@@ -107,10 +107,21 @@ class SQLiteDialect(Dialect):
     """SQLite: every write begins IMMEDIATE, so it takes the write lock up front
     (waiting up to the busy timeout) instead of failing at its first write
     with "database is locked", which a DEFERRED transaction does whatever
-    the busy timeout says."""
+    the busy timeout says.
+
+    The connection's busy timeout is the one configured on every path: a
+    write whose deadline is nearer waits for the lock only until then, and
+    writeturn never interrupts into that wait (the interrupt would not stop
+    it, and would land on the statement that restores the busy timeout).
+    """
 
     name = "sqlite"
     single_writer = True
+
+    def __init__(self, coordination: Coordination, namespace: str) -> None:
+        super().__init__(coordination, namespace)
+        # id(conn) -> the BEGIN in progress on it, for interrupt().
+        self._beginning: dict[int, _Beginning] = {}
 
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
@@ -120,11 +131,17 @@ class SQLiteDialect(Dialect):
         # thread, where a statement through SQLAlchemy costs three.
         await conn.begin()
         driver = _driver(conn)
+        step = self._beginning[id(conn)] = _Beginning()
         try:
+            await self._restore_busy_timeout(conn, driver)
             await self._begin_immediate(conn, driver, deadline)
+            if step.interrupted:  # stopped during BEGIN's wait: end now, as an interrupt would
+                raise sqlite3.OperationalError("interrupted")
         except sqlite3.Error as exc:
             # Raised by the driver itself: wrap it as SQLAlchemy would have.
             raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+        finally:
+            del self._beginning[id(conn)]
         return None
 
     async def _begin_immediate(
@@ -137,13 +154,31 @@ class SQLiteDialect(Dialect):
             configured = await self._busy_timeout_ms(conn, driver)
             cap = int(max(0.0, deadline - asyncio.get_running_loop().time()) * 1000) + 50
             if cap < configured:
+                # Noted before it is set: a restore that fails is tried again
+                # at the connection's next BEGIN.
+                conn.info[_BUSY_SHORTENED] = True
                 await driver.execute(f"PRAGMA busy_timeout={cap}")
                 try:
                     await driver.execute("BEGIN IMMEDIATE")
                 finally:
-                    await driver.execute(f"PRAGMA busy_timeout={configured}")
+                    await self._restore_busy_timeout(conn, driver)
                 return
         await driver.execute("BEGIN IMMEDIATE")
+
+    async def _restore_busy_timeout(self, conn: AsyncConnection, driver: Any) -> None:
+        """Set the connection's own busy timeout again if a capped BEGIN shortened it."""
+        if not conn.info.get(_BUSY_SHORTENED):
+            return
+        configured = await self._busy_timeout_ms(conn, driver)
+        for attempt in range(3):
+            try:
+                await driver.execute(f"PRAGMA busy_timeout={configured}")
+            except sqlite3.OperationalError:  # an interrupt from elsewhere: it lands once
+                if attempt == 2:
+                    raise
+                continue
+            del conn.info[_BUSY_SHORTENED]
+            return
 
     @staticmethod
     async def _busy_timeout_ms(conn: AsyncConnection, driver: Any) -> int:
@@ -155,6 +190,12 @@ class SQLiteDialect(Dialect):
         return int(info["writeturn_busy_ms"])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
+        step = self._beginning.get(id(conn))
+        if step is not None:
+            # In BEGIN's busy wait: begin() ends with "interrupted" once that
+            # wait returns (an sqlite3_interrupt would not stop it).
+            step.interrupted = True
+            return
         driver = _driver(conn)
         if driver is not None:
             await driver.interrupt()
@@ -167,6 +208,21 @@ class SQLiteDialect(Dialect):
         # Another process held the write lock past the busy timeout.
         text_ = str(exc.orig).lower()
         return "database is locked" in text_ or "database table is locked" in text_
+
+
+_BUSY_SHORTENED = "writeturn_busy_shortened"  # conn.info: a capped BEGIN changed the timeout
+
+
+class _Beginning:
+    """A BEGIN in progress on one connection; interrupt() marks it stopped."""
+
+    __slots__ = ("interrupted",)
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def stopped(self) -> bool:
+        return self.interrupted
 
 
 class PostgresDialect(Dialect):
