@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._sqlite_connect import join_failed_connects
+from ._sqlite_queue import TicketQueue, wait_turn
 from .errors import ConfigurationError, UnsupportedDatabase
 from .outcome import Outcome
 
@@ -109,6 +110,11 @@ class SQLiteDialect(Dialect):
     with "database is locked", which a DEFERRED transaction does whatever
     the busy timeout says.
 
+    In advisory mode a write first lines up for the lock with the other
+    processes writing the same file (see :mod:`writeturn._sqlite_queue`), so
+    that they take it in turn instead of one draining its backlog while the
+    others wait.
+
     The connection's busy timeout is the one configured on every path: a
     write whose deadline is nearer waits for the lock only until then, and
     writeturn never interrupts into that wait (the interrupt would not stop
@@ -120,6 +126,10 @@ class SQLiteDialect(Dialect):
 
     def __init__(self, coordination: Coordination, namespace: str) -> None:
         super().__init__(coordination, namespace)
+        # advisory: the line for the write lock, opened at the first write
+        # (None: not opened yet, or turned off: a memory database, no file access).
+        self._queue: TicketQueue | None = None
+        self._queue_tried = coordination != "advisory"
         # id(conn) -> the BEGIN in progress on it, for interrupt().
         self._beginning: dict[int, _Beginning] = {}
 
@@ -134,7 +144,18 @@ class SQLiteDialect(Dialect):
         step = self._beginning[id(conn)] = _Beginning()
         try:
             await self._restore_busy_timeout(conn, driver)
-            await self._begin_immediate(conn, driver, deadline)
+            queue = self._queue if self._queue_tried else await self._open_queue(driver)
+            if queue is None or queue.ticket:  # no line, or a nested begin (a journal probe)
+                await self._begin_immediate(conn, driver, deadline)
+            else:
+                try:
+                    patience = await self._busy_timeout_ms(conn, driver) / 1000 + _PATIENCE
+                    await wait_turn(
+                        queue, deadline=deadline, patience=patience, interrupted=step.stopped
+                    )
+                    await self._begin_immediate(conn, driver, deadline)
+                finally:
+                    queue.leave()  # with the lock (or an error): the next in line may ask
             if step.interrupted:  # stopped during BEGIN's wait: end now, as an interrupt would
                 raise sqlite3.OperationalError("interrupted")
         except sqlite3.Error as exc:
@@ -180,6 +201,24 @@ class SQLiteDialect(Dialect):
             del conn.info[_BUSY_SHORTENED]
             return
 
+    async def _open_queue(self, driver: Any) -> TicketQueue | None:
+        """Open the database file's line for the write lock, once; None where there is none."""
+        self._queue_tried = True
+        rows = await (await driver.execute("PRAGMA database_list")).fetchall()
+        files = [row[2] for row in rows if row[1] == "main" and row[2]]
+        if not files:
+            return None  # in memory: no other process can write it
+        try:
+            self._queue = await asyncio.to_thread(TicketQueue, files[0])
+        except (OSError, ImportError) as exc:
+            log.warning(
+                "writeturn: processes writing %s cannot take turns at its write lock (%s); "
+                "each write waits for SQLite's lock directly",
+                files[0],
+                exc,
+            )
+        return self._queue
+
     @staticmethod
     async def _busy_timeout_ms(conn: AsyncConnection, driver: Any) -> int:
         """The connection's own busy timeout, read once per connection."""
@@ -192,8 +231,8 @@ class SQLiteDialect(Dialect):
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         step = self._beginning.get(id(conn))
         if step is not None:
-            # In BEGIN's busy wait: begin() ends with "interrupted" once that
-            # wait returns (an sqlite3_interrupt would not stop it).
+            # In line, or in BEGIN's busy wait: begin() ends with "interrupted"
+            # once that wait returns (an sqlite3_interrupt would not stop it).
             step.interrupted = True
             return
         driver = _driver(conn)
@@ -211,6 +250,7 @@ class SQLiteDialect(Dialect):
 
 
 _BUSY_SHORTENED = "writeturn_busy_shortened"  # conn.info: a capped BEGIN changed the timeout
+_PATIENCE = 1.0  # seconds beyond the busy timeout before a line that does not move is left
 
 
 class _Beginning:
