@@ -1,6 +1,7 @@
 """A writer process for the SQLite turn tests: queue every write at once, on one key.
 
 Usage: python _turns_worker.py URL COORDINATION WRITERS WRITES_PER_WRITER BARRIER_FILE
+Creates BARRIER_FILE.ready.<pid> once connected, then starts when BARRIER_FILE exists.
 Each write inserts one row into ``turns`` (pid, writer, its number, the time it ran).
 Prints one JSON line: {"pid": ..., "submitted": <time all writes were queued>, "committed": n}.
 """
@@ -19,9 +20,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from writeturn import WriteSerializer
 
 TURNS_DDL = (
-    "CREATE TABLE turns (id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER NOT NULL, "
-    "writer TEXT NOT NULL, n INTEGER NOT NULL, t REAL NOT NULL)"
+    "CREATE TABLE turns (id {serial}, pid INTEGER NOT NULL, "
+    "writer TEXT NOT NULL, n INTEGER NOT NULL, t DOUBLE PRECISION NOT NULL)"
 )
+
+
+def turns_ddl(url: str) -> str:
+    """The ``turns`` table: its id is the commit order (assigned under the key's lock)."""
+    sqlite = url.startswith("sqlite")
+    return TURNS_DDL.format(
+        serial="INTEGER PRIMARY KEY AUTOINCREMENT" if sqlite else "BIGSERIAL PRIMARY KEY"
+    )
 
 
 async def insert(session: AsyncSession, writer: str, n: int) -> None:
@@ -31,9 +40,12 @@ async def insert(session: AsyncSession, writer: str, n: int) -> None:
     )
 
 
-def wait_for_file(path: str, limit: float = 30.0) -> None:
+def ready_then_wait(barrier: str, limit: float = 60.0) -> None:
+    """Say this process is ready, then wait until the test creates ``barrier``."""
+    with open(f"{barrier}.ready.{os.getpid()}", "w"):
+        pass
     deadline = time.monotonic() + limit
-    while not os.path.exists(path) and time.monotonic() < deadline:
+    while not os.path.exists(barrier) and time.monotonic() < deadline:
         time.sleep(0.002)
 
 
@@ -41,7 +53,7 @@ async def main(url: str, coordination: str, writers: int, writes: int, barrier: 
     ser = WriteSerializer.from_url(url, coordination=coordination)  # type: ignore[arg-type]
     async with ser:
         await ser.run(insert, "warm-up", -1)  # connect and open the queue before the start
-        await asyncio.to_thread(wait_for_file, barrier)
+        await asyncio.to_thread(ready_then_wait, barrier)
         names = [f"{os.getpid()}-{i}" for i in range(writers)]
         handles = [
             ser.submit(insert, name, n, key="k", writer=name)
