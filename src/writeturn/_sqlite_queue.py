@@ -179,6 +179,21 @@ class TicketQueue:
         earlier.sort()
         return earlier
 
+    def first(self) -> bool:
+        """Join if not in line yet; True when no live participant holds an earlier ticket.
+
+        Also True when there is no place in line (every slot is taken by a
+        live participant): that write goes to SQLite's lock directly.
+        """
+        if not self.ticket:
+            try:
+                if not self.join():
+                    return False  # the queue file is locked this instant: try again
+            except OSError as exc:
+                log.warning("writeturn: cannot line up for SQLite's write lock: %s", exc)
+                return True
+        return not self.ahead()
+
     def leave(self) -> None:
         """Give the ticket back (one store into our own slot)."""
         if self.ticket and self._slot is not None:
@@ -262,21 +277,13 @@ async def wait_turn(
     started = since = loop.time()
     delay = _POLL_FIRST
     last: list[tuple[int, int]] | None = None
-    while True:
-        try:
-            joined = queue.ticket != 0 or queue.join()
-        except OSError as exc:  # every slot is taken: this write asks SQLite directly
-            log.warning("writeturn: cannot line up for SQLite's write lock: %s", exc)
-            return
-        if not joined:
-            ahead = [(0, -1)]  # the queue file is locked for an instant: try again
-        elif not (ahead := queue.ahead()):
-            return
+    while not queue.first():
         if interrupted():
             raise sqlite3.OperationalError("interrupted")
         now = loop.time()
         if deadline is not None and now >= deadline:
             raise sqlite3.OperationalError("database is locked")
+        ahead = queue.ahead() if queue.ticket else [(0, -1)]  # (0, -1): the file was locked
         if ahead != last:  # somebody ahead got the lock or left: the line moves
             last, since, delay = ahead, now, _POLL_FIRST
         elif now - since >= patience:

@@ -143,16 +143,18 @@ class SQLiteDialect(Dialect):
         driver = _driver(conn)
         step = self._beginning[id(conn)] = _Beginning()
         try:
-            await self._restore_busy_timeout(conn, driver)
+            if _BUSY_SHORTENED in conn.info:
+                await self._restore_busy_timeout(conn, driver)
             queue = self._queue if self._queue_tried else await self._open_queue(driver)
             if queue is None or queue.ticket:  # no line, or a nested begin (a journal probe)
                 await self._begin_immediate(conn, driver, deadline)
             else:
                 try:
-                    patience = await self._busy_timeout_ms(conn, driver) / 1000 + _PATIENCE
-                    await wait_turn(
-                        queue, deadline=deadline, patience=patience, interrupted=step.stopped
-                    )
+                    if not queue.first():  # others are ahead in line: wait for them
+                        patience = await self._busy_timeout_ms(conn, driver) / 1000 + _PATIENCE
+                        await wait_turn(
+                            queue, deadline=deadline, patience=patience, interrupted=step.stopped
+                        )
                     await self._begin_immediate(conn, driver, deadline)
                 finally:
                     queue.leave()  # with the lock (or an error): the next in line may ask
