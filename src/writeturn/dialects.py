@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._options import check_busy_timeout
 from ._sqlite_connect import join_failed_connects
+from ._sqlite_queue import TicketQueue, wait_turn
 from .errors import ConfigurationError, UnsupportedDatabase, shown
 from .outcome import Outcome
 
@@ -133,10 +134,30 @@ class SQLiteDialect(Dialect):
     """SQLite: every write begins IMMEDIATE, so it takes the write lock up front
     (waiting up to the busy timeout) instead of failing at its first write
     with "database is locked", which a DEFERRED transaction does whatever
-    the busy timeout says."""
+    the busy timeout says.
+
+    In advisory mode a write first lines up for the lock with the other
+    processes writing the same file (see :mod:`writeturn._sqlite_queue`), so
+    that they take it in turn instead of one draining its backlog while the
+    others wait.
+
+    The connection's busy timeout is the one configured on every path: a
+    write whose deadline is nearer waits for the lock only until then, and
+    writeturn never interrupts into that wait (the interrupt would not stop
+    it, and would land on the statement that restores the busy timeout).
+    """
 
     name = "sqlite"
     single_writer = True
+
+    def __init__(self, coordination: Coordination, namespace: str) -> None:
+        super().__init__(coordination, namespace)
+        # advisory: the line for the write lock, opened at the first write
+        # (None: not opened yet, or turned off: a memory database, no file access).
+        self._queue: TicketQueue | None = None
+        self._queue_tried = coordination != "advisory"
+        # id(conn) -> the BEGIN in progress on it, for interrupt().
+        self._beginning: dict[int, _Beginning] = {}
 
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
@@ -146,11 +167,30 @@ class SQLiteDialect(Dialect):
         # thread, where a statement through SQLAlchemy costs three.
         await conn.begin()
         driver = _driver(conn)
+        step = self._beginning[id(conn)] = _Beginning()
         try:
-            await self._begin_immediate(conn, driver, deadline)
+            if _BUSY_SHORTENED in conn.info:
+                await self._restore_busy_timeout(conn, driver)
+            queue = self._queue if self._queue_tried else await self._open_queue(driver)
+            if queue is None or queue.ticket:  # no line, or a nested begin (a journal probe)
+                await self._begin_immediate(conn, driver, deadline)
+            else:
+                try:
+                    if not queue.first():  # others are ahead in line: wait for them
+                        patience = await self._busy_timeout_ms(conn, driver) / 1000 + _PATIENCE
+                        await wait_turn(
+                            queue, deadline=deadline, patience=patience, interrupted=step.stopped
+                        )
+                    await self._begin_immediate(conn, driver, deadline)
+                finally:
+                    queue.leave()  # with the lock (or an error): the next in line may ask
+            if step.interrupted:  # stopped during BEGIN's wait: end now, as an interrupt would
+                raise sqlite3.OperationalError("interrupted")
         except sqlite3.Error as exc:
             # Raised by the driver itself: wrap it as SQLAlchemy would have.
             raise DBAPIError.instance("BEGIN IMMEDIATE", (), exc, sqlite3.Error) from exc
+        finally:
+            del self._beginning[id(conn)]
         return None
 
     async def _begin_immediate(
@@ -163,13 +203,49 @@ class SQLiteDialect(Dialect):
             configured = await self._busy_timeout_ms(conn, driver)
             cap = int(max(0.0, deadline - asyncio.get_running_loop().time()) * 1000) + 50
             if cap < configured:
+                # Noted before it is set: a restore that fails is tried again
+                # at the connection's next BEGIN.
+                conn.info[_BUSY_SHORTENED] = True
                 await driver.execute(f"PRAGMA busy_timeout={cap}")
                 try:
                     await driver.execute("BEGIN IMMEDIATE")
                 finally:
-                    await driver.execute(f"PRAGMA busy_timeout={configured}")
+                    await self._restore_busy_timeout(conn, driver)
                 return
         await driver.execute("BEGIN IMMEDIATE")
+
+    async def _restore_busy_timeout(self, conn: AsyncConnection, driver: Any) -> None:
+        """Set the connection's own busy timeout again if a capped BEGIN shortened it."""
+        if not conn.info.get(_BUSY_SHORTENED):
+            return
+        configured = await self._busy_timeout_ms(conn, driver)
+        for attempt in range(3):
+            try:
+                await driver.execute(f"PRAGMA busy_timeout={configured}")
+            except sqlite3.OperationalError:  # an interrupt from elsewhere: it lands once
+                if attempt == 2:
+                    raise
+                continue
+            del conn.info[_BUSY_SHORTENED]
+            return
+
+    async def _open_queue(self, driver: Any) -> TicketQueue | None:
+        """Open the database file's line for the write lock, once; None where there is none."""
+        self._queue_tried = True
+        rows = await (await driver.execute("PRAGMA database_list")).fetchall()
+        files = [row[2] for row in rows if row[1] == "main" and row[2]]
+        if not files:
+            return None  # in memory: no other process can write it
+        try:
+            self._queue = await asyncio.to_thread(TicketQueue, files[0])
+        except (OSError, ImportError) as exc:
+            log.warning(
+                "writeturn: processes writing %s cannot take turns at its write lock (%s); "
+                "each write waits for SQLite's lock directly",
+                files[0],
+                exc,
+            )
+        return self._queue
 
     @staticmethod
     async def _busy_timeout_ms(conn: AsyncConnection, driver: Any) -> int:
@@ -181,6 +257,12 @@ class SQLiteDialect(Dialect):
         return int(info["writeturn_busy_ms"])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
+        step = self._beginning.get(id(conn))
+        if step is not None:
+            # In line, or in BEGIN's busy wait: begin() ends with "interrupted"
+            # once that wait returns (an sqlite3_interrupt would not stop it).
+            step.interrupted = True
+            return
         driver = _driver(conn)
         if driver is not None:
             await driver.interrupt()
@@ -193,6 +275,22 @@ class SQLiteDialect(Dialect):
         # Another process held the write lock past the busy timeout.
         text_ = str(exc.orig).lower()
         return "database is locked" in text_ or "database table is locked" in text_
+
+
+_BUSY_SHORTENED = "writeturn_busy_shortened"  # conn.info: a capped BEGIN changed the timeout
+_PATIENCE = 1.0  # seconds beyond the busy timeout before a line that does not move is left
+
+
+class _Beginning:
+    """A BEGIN in progress on one connection; interrupt() marks it stopped."""
+
+    __slots__ = ("interrupted",)
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def stopped(self) -> bool:
+        return self.interrupted
 
 
 class PostgresDialect(Dialect):

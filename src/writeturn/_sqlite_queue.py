@@ -1,0 +1,299 @@
+"""Processes take SQLite's write lock in the order they asked: a ticket queue beside the file.
+
+SQLite's write lock is not first-come-first-served across processes: a waiter
+polls in its busy handler, sleeping longer each time, while the process that
+just committed takes the lock again at once. One process then drains its
+whole backlog while the others wait. Here, every serializer (in advisory
+mode) that wants the lock first takes a ticket, waits until no live
+participant holds an earlier one, and only then sends ``BEGIN IMMEDIATE``.
+It gives its ticket back as soon as ``BEGIN IMMEDIATE`` returns (with the
+lock, or with an error). A process that just committed therefore asks again
+behind everyone already waiting, and the processes alternate.
+
+The files, next to the database (like the migration lock):
+
+* ``<database>.writeturn-queue``: a page shared by every participant through
+  ``mmap``: a ticket counter and one ticket per slot (0: not waiting). The
+  counter is advanced under an exclusive ``flock`` on this file, held for a
+  few microseconds; the tickets are read without a lock.
+* ``<database>.writeturn-queue.<slot>``: slot ``<slot>``'s file. Its owner
+  (one serializer) holds an exclusive ``flock`` on it for as long as it lives.
+  The kernel drops that lock when the process dies, however it dies, so a
+  ticket whose slot file is not locked belongs to nobody: it is skipped and
+  cleared. A process killed while waiting or while holding the lock never
+  leaves the queue stuck, and a recycled pid cannot fool it.
+
+A ticket is a fairness hint, never a lock: SQLite's own lock still excludes
+writers. A torn read or a frozen process costs at most the order of one turn,
+because a waiter whose line does not move for ``patience`` seconds stops
+waiting for it and goes to SQLite's lock directly.
+
+# Invariants:
+# - only the owner of a slot sets its ticket; anyone may clear the ticket of a
+#   slot whose file lock it took (its owner is gone);
+# - the counter only grows, and only under the flock on the queue file, so two
+#   live tickets are never equal;
+# - a participant holds at most one ticket, from join() until leave().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import sqlite3
+import struct
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["TicketQueue", "wait_turn", "SLOTS"]
+
+log = logging.getLogger("writeturn")
+
+#: Participants (serializers in advisory mode) one database file can line up at once.
+SLOTS = 64
+
+# The shared page: magic, counter, slots in use (the high-water mark), then the tickets.
+_MAGIC = b"wtqueue1"
+_HEADER = struct.Struct("<8sqq")
+_TICKET = struct.Struct("<q")
+_SIZE = 4096
+assert _HEADER.size + SLOTS * _TICKET.size <= _SIZE
+
+# Polling while earlier tickets wait: fast at first (a turn on SQLite lasts
+# about a millisecond), slower while the line does not move.
+_POLL_FIRST = 0.0005
+_POLL_MAX = 0.005
+
+
+def queue_path(database: Path) -> Path:
+    """The queue file of the SQLite database file ``database``."""
+    return database.with_name(f"{database.name}.writeturn-queue")
+
+
+class TicketQueue:
+    """One participant's view of a database file's ticket queue: join, see who is ahead, leave.
+
+    Synchronous and non-blocking: every ``flock`` is a ``LOCK_NB`` attempt,
+    so the event loop never waits on a file lock. Not safe for concurrent
+    use by several tasks; a serializer passes one write at a time to
+    ``BEGIN IMMEDIATE`` anyway.
+    """
+
+    __slots__ = (
+        "path",
+        "_fd",
+        "_page",
+        "_slot",
+        "_others",
+        "_fds",
+        "_closer",
+        "ticket",
+        "__weakref__",
+    )
+
+    def __init__(self, database: str) -> None:
+        """Open (or create) the queue of the database file ``database``.
+
+        Blocking file I/O: call it in a thread. Raises ``OSError`` (and
+        ``ImportError`` where there is no ``fcntl``) when there can be no queue.
+        """
+        import fcntl  # POSIX only; the dialect runs without the queue where this fails
+
+        self.path = queue_path(Path(database).resolve())
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # once, at creation: microseconds
+            try:
+                if os.fstat(self._fd).st_size < _SIZE:
+                    os.ftruncate(self._fd, _SIZE)
+                self._page = mmap.mmap(self._fd, _SIZE)
+                magic, _, _ = _HEADER.unpack_from(self._page, 0)
+                if magic == bytes(8):
+                    _HEADER.pack_into(self._page, 0, _MAGIC, 0, 0)
+                elif magic != _MAGIC:
+                    self._page.close()
+                    raise OSError(errno.EINVAL, f"{self.path} is not a writeturn queue file")
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._slot: int | None = None
+        self._others: dict[int, int] = {}  # slot -> our descriptor of its file (liveness checks)
+        # Every descriptor we opened: closing our slot's drops its flock (the slot is free).
+        self._fds = [self._fd]
+        self._closer = weakref.finalize(self, _close, self._page, self._fds)
+        #: Our ticket while we wait (0: none).
+        self.ticket = 0
+
+    def __repr__(self) -> str:
+        return f"<TicketQueue {self.path.name} slot={self._slot} ticket={self.ticket}>"
+
+    def close(self) -> None:
+        """Leave for good: the slot becomes free for another participant."""
+        self.leave()
+        self._closer()
+
+    # -- the steps ----------------------------------------------------------------------
+
+    def join(self) -> bool:
+        """Take the next ticket; False if the queue file is locked this instant (try again).
+
+        Raises ``OSError`` when every slot is taken by a live participant.
+        """
+        import fcntl
+
+        assert self.ticket == 0, "a participant holds one ticket at a time"
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            if self._slot is None:
+                self._claim_slot()
+            assert self._slot is not None
+            magic, counter, used = _HEADER.unpack_from(self._page, 0)
+            counter += 1
+            _HEADER.pack_into(self._page, 0, magic, counter, used)
+            _TICKET.pack_into(self._page, _slot_offset(self._slot), counter)
+            self.ticket = counter
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return True
+
+    def ahead(self) -> list[tuple[int, int]]:
+        """The live tickets before ours, as (ticket, slot), earliest first."""
+        mine = self.ticket
+        used = min(_HEADER.unpack_from(self._page, 0)[2], SLOTS)
+        tickets = struct.unpack_from(f"<{used}q", self._page, _HEADER.size)
+        earlier = [
+            (t, slot)
+            for slot, t in enumerate(tickets)
+            if 0 < t < mine and slot != self._slot and self._alive(slot)
+        ]
+        earlier.sort()
+        return earlier
+
+    def first(self) -> bool:
+        """Join if not in line yet; True when no live participant holds an earlier ticket.
+
+        Also True when there is no place in line (every slot is taken by a
+        live participant): that write goes to SQLite's lock directly.
+        """
+        if not self.ticket:
+            try:
+                if not self.join():
+                    return False  # the queue file is locked this instant: try again
+            except OSError as exc:
+                log.warning("writeturn: cannot line up for SQLite's write lock: %s", exc)
+                return True
+        return not self.ahead()
+
+    def leave(self) -> None:
+        """Give the ticket back (one store into our own slot)."""
+        if self.ticket and self._slot is not None:
+            _TICKET.pack_into(self._page, _slot_offset(self._slot), 0)
+        self.ticket = 0
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def _claim_slot(self) -> None:
+        """Own the first slot whose file nobody holds (called under the queue file's lock)."""
+        import fcntl
+
+        for slot in range(SLOTS):
+            fd = os.open(f"{self.path}.{slot}", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            # A ticket left by the slot's dead owner is void.
+            _TICKET.pack_into(self._page, _slot_offset(slot), 0)
+            magic, counter, used = _HEADER.unpack_from(self._page, 0)
+            _HEADER.pack_into(self._page, 0, magic, counter, max(used, slot + 1))
+            self._slot = slot
+            self._fds.append(fd)
+            return
+        raise OSError(errno.EAGAIN, f"all {SLOTS} slots of {self.path} are held by live processes")
+
+    def _alive(self, slot: int) -> bool:
+        """Whether ``slot`` has a live owner; a dead owner's ticket is cleared."""
+        import fcntl
+
+        fd = self._others.get(slot)
+        if fd is None:
+            try:
+                fd = os.open(f"{self.path}.{slot}", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return True  # cannot tell: assume it lives (patience bounds the wait)
+            self._others[slot] = fd
+            self._fds.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        try:
+            _TICKET.pack_into(self._page, _slot_offset(slot), 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
+
+def _slot_offset(slot: int) -> int:
+    return _HEADER.size + slot * _TICKET.size
+
+
+def _close(page: mmap.mmap, fds: list[int]) -> None:
+    page.close()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+async def wait_turn(
+    queue: TicketQueue,
+    *,
+    deadline: float | None,
+    patience: float,
+    interrupted: Callable[[], bool],
+) -> None:
+    """Join ``queue`` and return once no live participant holds an earlier ticket.
+
+    The caller must ``queue.leave()`` afterwards, whatever happens. The wait
+    ends early with ``sqlite3.OperationalError``: "interrupted" when
+    ``interrupted()`` turns true (the write was stopped), "database is locked"
+    past ``deadline`` (event-loop time; SQLite's own busy wait says the same).
+    If the line does not move for ``patience`` seconds (a frozen process
+    holds the earliest ticket) it returns anyway, and SQLite's lock decides.
+    """
+    loop = asyncio.get_running_loop()
+    started = since = loop.time()
+    delay = _POLL_FIRST
+    last: list[tuple[int, int]] | None = None
+    while not queue.first():
+        if interrupted():
+            raise sqlite3.OperationalError("interrupted")
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            raise sqlite3.OperationalError("database is locked")
+        ahead = queue.ahead() if queue.ticket else [(0, -1)]  # (0, -1): the file was locked
+        if ahead != last:  # somebody ahead got the lock or left: the line moves
+            last, since, delay = ahead, now, _POLL_FIRST
+        elif now - since >= patience:
+            log.info(
+                "writeturn: the line for SQLite's write lock did not move for %.1fs "
+                "(waited %.1fs in all); going to the lock directly",
+                now - since,
+                now - started,
+            )
+            return
+        pause = delay if deadline is None else min(delay, max(0.0, deadline - now))
+        await asyncio.sleep(pause)
+        delay = min(delay * 2, _POLL_MAX)
