@@ -10,10 +10,11 @@ import asyncio
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from writeturn import Outcome, TurnTimeout, WriteSerializer
-from writeturn.dialects import lock_id
+from writeturn.dialects import PostgresDialect, lock_id
 
 from ._db import create_tables, ledger, pg_leftovers, record
 from .test_connections import _asyncpg_kwargs
@@ -98,3 +99,39 @@ async def test_a_lock_wait_cut_by_a_timeout_leaves_the_connection_usable(pg_url:
             assert await pg_leftovers(ser.engine) == (0, 0)
     finally:
         await holder.close()
+
+
+async def test_a_connection_found_dead_at_begin_is_invalidated(pg_url: str) -> None:
+    """Killed while idle, or while its lock waits: BEGIN raises what SQLAlchemy would
+    (a DBAPIError saying the connection was invalidated), so the write takes a fresh one."""
+    engine = create_async_engine(pg_url)
+    dialect = PostgresDialect("advisory", "writeturn")
+    killer = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    try:
+        async with asyncio.timeout(30):
+            idle = await engine.connect()
+            pid = (await idle.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            await idle.rollback()
+            await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.2)  # the driver sees the socket close
+            with pytest.raises(DBAPIError) as dead:
+                await dialect.begin(idle, "k")
+            assert dead.value.connection_invalidated and idle.invalidated
+            await idle.close()
+
+            waiting = await engine.connect()
+            pid = (await waiting.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            await waiting.rollback()
+            await killer.execute("BEGIN")
+            await killer.execute("SELECT pg_advisory_xact_lock($1)", lock_id("writeturn", "k"))
+            begin = asyncio.ensure_future(dialect.begin(waiting, "k"))
+            await asyncio.sleep(0.2)  # BEGIN went through; the lock waits
+            await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(DBAPIError) as cut:
+                await begin
+            assert cut.value.connection_invalidated and waiting.invalidated
+            await waiting.close()
+            await killer.execute("ROLLBACK")
+    finally:
+        await killer.close()
+        await engine.dispose()
