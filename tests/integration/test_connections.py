@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from writeturn import Outcome, TurnTimeout, WriteHandle, WriteSerializer, WriteturnError
 
@@ -225,12 +225,18 @@ async def test_a_terminate_storm_under_group_commit_raises_only_writeturn_errors
         # Outcome truth, and no half-applied write: counters equal ledger rows.
         known = {k: h for k, h in handles.items() if h.outcome is not Outcome.UNKNOWN}
         committed = {k for k, h in known.items() if h.outcome is Outcome.COMMITTED}
-        rows = await ledger(ser.engine)
+        # Read through an engine of its own: the killer's last round may have ended a
+        # connection while it sat idle in the serializer's pool.
+        verify = create_async_engine(pg_url)
+        try:
+            rows = await ledger(verify)
+            async with verify.connect() as conn:
+                counters = {k: n for k, n in await conn.execute(text("SELECT key, n FROM counter"))}
+        finally:
+            await verify.dispose()
         landed = {(r[1], r[3]) for r in rows}
         assert committed <= landed
         assert landed - committed <= {k for k, h in handles.items() if k not in known}
-        async with ser.engine.connect() as conn:
-            counters = {k: n for k, n in await conn.execute(text("SELECT key, n FROM counter"))}
         assert counters == {k: sum(1 for r in rows if r[1] == k) for k in keys}
 
 
