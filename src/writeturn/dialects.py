@@ -307,12 +307,36 @@ class PostgresDialect(Dialect):
     _STATUS = text("SELECT txid_status(:xid)")
     _CANCEL = text("SELECT pg_cancel_backend(:pid)")
 
+    #: The lock query as asyncpg takes it: one prepared statement for every key.
+    _LOCK_SQL = "SELECT pg_advisory_xact_lock($1), txid_current()"
+
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
     ) -> int | None:
         if self.coordination != "advisory":
-            return None
-        row = (await conn.execute(self._LOCK, {"lock_id": lock_id(self.namespace, key)})).one()
+            return None  # BEGIN goes out with the write's first statement
+        adapter = _adapter(conn)
+        if adapter is None or getattr(adapter, "_transaction", True) is not None:
+            # Not the adapter this was written against, or SQLAlchemy already
+            # has a transaction on it: the lock as an ordinary statement.
+            row = (await conn.execute(self._LOCK, {"lock_id": lock_id(self.namespace, key)})).one()
+            return int(row[1])
+        # SQLAlchemy's bookkeeping first (the asyncpg adapter sends nothing for
+        # it); then BEGIN and the lock straight to the driver, as the adapter
+        # itself would begin: a statement through SQLAlchemy costs several
+        # times the driver's own work for this one row.
+        await conn.begin()
+        try:
+            async with adapter._execute_mutex:
+                # The adapter's own start: asyncpg's Transaction object, its
+                # _top_xact and SQLAlchemy's adapter._transaction agree, so
+                # COMMIT, ROLLBACK and begin_nested() work as after a lazy BEGIN.
+                await adapter._start_transaction()
+                row = await adapter.driver_connection.fetchrow(
+                    self._LOCK_SQL, lock_id(self.namespace, key)
+                )
+        except Exception as exc:
+            raise await _wrapped(conn, adapter, exc, self._LOCK_SQL) from exc
         return int(row[1])
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
@@ -446,6 +470,44 @@ def _unique_statement_name() -> str:
 def _driver(conn: AsyncConnection) -> Any:
     """The driver's own connection object under ``conn`` (aiosqlite's or asyncpg's)."""
     return conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+
+
+def _adapter(conn: AsyncConnection) -> Any:
+    """SQLAlchemy's asyncpg adapter under ``conn`` (None if it is not that adapter)."""
+    sync = conn.sync_connection
+    if sync is None or sync.invalidated:
+        return None
+    adapter = sync.connection.dbapi_connection
+    if not all(hasattr(adapter, name) for name in ("_start_transaction", "_execute_mutex")):
+        return None
+    return adapter
+
+
+async def _wrapped(
+    conn: AsyncConnection, adapter: Any, exc: Exception, statement: str
+) -> DBAPIError:
+    """``exc`` from a driver call as SQLAlchemy would have raised it: a DBAPIError,
+    with the connection invalidated if the call found it closed."""
+    orig: BaseException = exc
+    try:
+        adapter._handle_exception(exc)  # translates to the adapter's DB-API error and raises
+    except Exception as translated:
+        orig = translated
+    dialect = conn.dialect
+    lost = bool(dialect.is_disconnect(orig, adapter, None))  # type: ignore[arg-type]
+    if lost:
+        await conn.invalidate(orig)
+    wrapped = DBAPIError.instance(
+        statement,
+        None,
+        orig,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
+    if isinstance(wrapped, DBAPIError):
+        return wrapped
+    return DBAPIError(statement, None, orig, connection_invalidated=lost)
 
 
 def dialect_for(engine: AsyncEngine, coordination: Coordination, namespace: str) -> Dialect:

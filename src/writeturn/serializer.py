@@ -132,6 +132,8 @@ class WriteSerializer:
         )
         self._owns_engine = False
         self._closing: asyncio.Task[None] | None = None
+        # One bound method for every write, not one per queued write (64 bytes each).
+        self._on_grant: Callable[[WriteRecord], None] = self._start
 
     @classmethod
     def from_url(
@@ -399,7 +401,7 @@ class WriteSerializer:
         record.retries = self._rt.options.retries if retries is None else check_retries(retries)
         record.context = contextvars.copy_context()
         self._rt.enter(record)
-        record.arm(on_grant=self._start)
+        record.arm(on_grant=self._on_grant)
         if self._rt.turns.enqueue(record.key, record):
             record.on_grant()
         return WriteHandle(record)

@@ -38,7 +38,7 @@ def _assert_smoke(results: BenchResults, database: str) -> None:
         assert c.status == expected, (c.strategy, c.workload, c.writers, c.note)
         if c.status != "ok":
             continue
-        assert c.committed > 0 and c.writes_per_s > 0, c
+        assert c.committed > 0 and c.writes_per_s > 0 and c.cpu_us_per_write > 0, c
         if c.strategy in WRITETURN:
             assert (c.errors, c.failed, c.lost_updates, c.truth_violations) == (0, 0, 0, 0), c
             assert c.committed == c.writes, c

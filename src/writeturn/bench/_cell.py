@@ -78,7 +78,7 @@ async def run_cell(spec: CellSpec, admin: AsyncEngine) -> CellResult:
     async with admin.begin() as conn:
         await create_tables(conn)
     try:
-        records, stats = await _drive(strategy, spec, ops)
+        records, stats, cpu = await _drive(strategy, spec, ops)
         async with admin.connect() as conn:
             inv = await check_invariants(conn, spec.workload)
             await conn.rollback()
@@ -90,6 +90,7 @@ async def run_cell(spec: CellSpec, admin: AsyncEngine) -> CellResult:
     finally:
         await _drop(admin, result)
     _fill(result, records, stats, inv.present, inv.lost_updates, spec.database)
+    result.cpu_us_per_write = cpu * 1e6 / result.committed if result.committed else 0.0
     return result
 
 
@@ -104,9 +105,12 @@ async def _drop(admin: AsyncEngine, result: CellResult) -> None:
 
 async def _drive(
     strategy: Strategy, spec: CellSpec, ops: list[list[Op]]
-) -> tuple[list[Record], StrategyStats]:
+) -> tuple[list[Record], StrategyStats, float]:
+    """Run the cell's writes; return their records, the strategy's figures and the CPU
+    seconds this process spent while the writes ran."""
     await strategy.open()
     try:
+        cpu = time.process_time()
         if strategy.baseline:
             records = await _run_baseline(strategy, ops)
         else:
@@ -114,9 +118,10 @@ async def _drive(
             # One writer goes one write at a time: the per-write overhead, against raw.
             burst = spec.burst if spec.writers > 1 else 1
             records = await _run_concurrent(strategy, ops, burst, cancels)
+        cpu = time.process_time() - cpu
     finally:
         stats = await strategy.close()
-    return records, stats
+    return records, stats, cpu
 
 
 def _cancel_plan(spec: CellSpec, ops: list[list[Op]]) -> dict[int, float]:

@@ -90,6 +90,11 @@ class CellResult:
     pool_errors: int = 0
     #: Longest run of consecutive commits by one writer while another writer waited.
     fairness_run: int = 0
+    #: CPU time of the bench's own process (every thread: aiosqlite's too) while the
+    #: writes ran, per committed write, in microseconds. The database server's CPU is
+    #: not in it. Steadier than writes/s on a shared machine: other programs' load
+    #: stretches the wall time far more than this process's own work.
+    cpu_us_per_write: float = 0.0
 
     @property
     def violations(self) -> int:

@@ -39,6 +39,7 @@ _COLUMNS = (
     ("leaked", 6, "d"),
     ("pool", 4, "d"),
     ("fair", 4, "d"),
+    ("cpu us", 6, ".0f"),
 )
 
 
@@ -61,6 +62,7 @@ def _row(c: CellResult) -> list[Any]:
         c.connections_leaked,
         c.pool_errors,
         c.fairness_run,
+        c.cpu_us_per_write,
     ]
 
 

@@ -1,0 +1,137 @@
+"""Postgres advisory mode sends BEGIN and the lock straight to the driver: SQLAlchemy's,
+the adapter's and asyncpg's view of the transaction must still agree, through COMMIT,
+ROLLBACK, savepoints, an isolation level, a lock wait cut by a timeout, and the reuse of
+the connection by the next write."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from writeturn import Outcome, TurnTimeout, WriteSerializer
+from writeturn.dialects import PostgresDialect, lock_id
+
+from ._db import create_tables, ledger, pg_leftovers, record
+from .test_connections import _asyncpg_kwargs
+
+pytestmark = pytest.mark.postgres
+
+HELD_BY_ME = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND pid = pg_backend_pid()"
+)
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_every_view_of_the_transaction_agrees(pg_url: str) -> None:
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(
+            pg_url, coordination="advisory", isolation_level="SERIALIZABLE"
+        ) as ser,
+    ):
+        await create_tables(ser.engine)
+        seen: list[tuple[str, int, bool]] = []
+
+        async def write(session: AsyncSession, i: int, fail: bool = False) -> None:
+            conn = await session.connection()
+            level = (await session.execute(text("SHOW transaction_isolation"))).scalar_one()
+            held = int((await session.execute(text(HELD_BY_ME))).scalar_one())
+            seen.append((str(level), held, conn.in_transaction()))
+            await record(session, "k", "w", i)
+            try:
+                async with session.begin_nested():
+                    await record(session, "k", "nested", i)
+                    raise Boom  # rolls back the savepoint only
+            except Boom:
+                pass
+            async with session.begin_nested():
+                await record(session, "k", "kept", i)
+            if fail:
+                raise Boom
+
+        for i in range(6):
+            h = ser.submit(write, i, fail=i % 3 == 1, key="k")
+            if i % 3 == 1:
+                with pytest.raises(Boom):
+                    await h
+                assert h.outcome is Outcome.ROLLED_BACK
+            else:
+                await h
+                assert h.outcome is Outcome.COMMITTED
+        # The isolation level of the engine, the key's lock held, SQLAlchemy in the
+        # transaction: every write, on a fresh or a reused connection.
+        assert seen == [("serializable", 1, True)] * 6
+        rows = [(r[2], r[3]) for r in await ledger(ser.engine)]
+        assert rows == [(w, i) for i in (0, 2, 3, 5) for w in ("w", "kept")]
+        assert ser.stats().connections_invalidated == 0
+        assert await pg_leftovers(ser.engine) == (0, 0)
+
+
+async def test_a_lock_wait_cut_by_a_timeout_leaves_the_connection_usable(pg_url: str) -> None:
+    holder = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    try:
+        async with (
+            asyncio.timeout(60),
+            WriteSerializer.from_url(pg_url, coordination="advisory", cancel_grace=0.05) as ser,
+        ):
+            await create_tables(ser.engine)
+            await ser.run(record, "k", "first", 0, key="k")  # a connection to reuse
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", lock_id("writeturn", "k"))
+            h = ser.submit(record, "k", "blocked", 1, key="k", timeout=0.3)
+            with pytest.raises(TurnTimeout):
+                await h
+            assert h.outcome is Outcome.ROLLED_BACK  # BEGIN had gone out
+            await holder.execute("ROLLBACK")
+            for i in range(2, 5):
+                await ser.run(record, "k", "after", i, key="k", timeout=10)
+            assert [r[2] for r in await ledger(ser.engine)] == ["first", "after", "after", "after"]
+            assert ser.stats().connections_invalidated == 0
+            assert await pg_leftovers(ser.engine) == (0, 0)
+    finally:
+        await holder.close()
+
+
+async def test_a_connection_found_dead_at_begin_is_invalidated(pg_url: str) -> None:
+    """Killed while idle, or while its lock waits: BEGIN raises what SQLAlchemy would
+    (a DBAPIError saying the connection was invalidated), so the write takes a fresh one."""
+    engine = create_async_engine(pg_url)
+    dialect = PostgresDialect("advisory", "writeturn")
+    killer = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    try:
+        async with asyncio.timeout(30):
+            idle = await engine.connect()
+            pid = (await idle.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            await idle.rollback()
+            await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.2)  # the driver sees the socket close
+            with pytest.raises(DBAPIError) as dead:
+                await dialect.begin(idle, "k")
+            assert dead.value.connection_invalidated and idle.invalidated
+            await idle.close()
+
+            waiting = await engine.connect()
+            pid = (await waiting.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            await waiting.rollback()
+            await killer.execute("BEGIN")
+            await killer.execute("SELECT pg_advisory_xact_lock($1)", lock_id("writeturn", "k"))
+            begin = asyncio.ensure_future(dialect.begin(waiting, "k"))
+            await asyncio.sleep(0.2)  # BEGIN went through; the lock waits
+            await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(DBAPIError) as cut:
+                await begin
+            assert cut.value.connection_invalidated and waiting.invalidated
+            await waiting.close()
+            await killer.execute("ROLLBACK")
+    finally:
+        await killer.close()
+        await engine.dispose()
