@@ -352,7 +352,11 @@ async def test_a_write_gathered_from_inside_its_own_turn_is_refused(db_url: str)
                     await asyncio.wait_for(inner, 10)
 
         for spawn in ("gather", "task", "wait_for"):
-            with pytest.raises(ReentrantWriteError, match="spawned inside the turn on key 'k'"):
+            # wait_for runs its awaitable in a task of its own before Python 3.12, and
+            # in the caller's task from 3.12 on: refused either way, as spawned or as
+            # the same task.
+            where = "spawned inside" if spawn != "wait_for" else "(spawned |started )inside"
+            with pytest.raises(ReentrantWriteError, match=f"{where} .*turn on key 'k'"):
                 await ser.run(outer, spawn, key="k")
         async with ser.transaction(key="k") as session:
             await record(session, "k", "block", 3)
