@@ -61,7 +61,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from .dialects import Coordination
+from ._options import Coordination
 from .errors import ConfigurationError, ReentrantWriteError, TurnTimeout
 from .handle import WriteHandle
 from .outcome import Outcome

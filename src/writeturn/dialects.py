@@ -12,14 +12,14 @@ import hashlib
 import logging
 import sqlite3
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._options import check_busy_timeout
+from ._options import Coordination, check_busy_timeout
 from ._sqlite_connect import join_failed_connects
 from ._sqlite_queue import TicketQueue, wait_turn
 from .errors import ConfigurationError, UnsupportedDatabase, shown
@@ -38,7 +38,6 @@ __all__ = [
 
 log = logging.getLogger("writeturn")
 
-Coordination = Literal["turn", "advisory"]
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
