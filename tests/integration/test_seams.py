@@ -560,6 +560,15 @@ class Flaky:
             await session.execute(text(TRANSIENT))
 
 
+async def ran_once_and_never_committed(
+    check: Checks, fn: Flaky, commits: Commits, ser: WriteSerializer
+) -> None:
+    """A write stopped during its back-off: fn ran once, nothing was committed or landed."""
+    check(fn.calls == 1, f"fn ran {fn.calls} times")
+    check(commits.count == 0, f"{commits.count} COMMIT sent")
+    check(await ledger(ser.engine) == [], "rows landed")
+
+
 @pytest.mark.postgres
 async def test_cancel_during_the_retry_back_off_settles_at_once(pg_url: str) -> None:
     check = Checks()
@@ -578,9 +587,7 @@ async def test_cancel_during_the_retry_back_off_settles_at_once(pg_url: str) -> 
         ratio = None if took is None else took / BACKOFF
         check(ratio is not None and ratio < 0.2, f"cancel settled after {ratio} x retry_backoff")
         check(fate(h) == "ROLLED_BACK CancelledError", f"the write ended {fate(h)}")
-        check(fn.calls == 1, f"fn ran {fn.calls} times")
-        check(commits.count == 0, f"{commits.count} COMMIT sent")
-        check(await ledger(ser.engine) == [], "rows landed")
+        await ran_once_and_never_committed(check, fn, commits, ser)
     check.verify()
 
 
@@ -599,9 +606,7 @@ async def test_a_timeout_during_the_retry_back_off_ends_the_write(pg_url: str) -
         ratio = None if took is None else took / BACKOFF
         check(ratio is not None and ratio < 0.35, f"timeout=0.3 ended after {ratio} x backoff")
         check(fate(h) == "ROLLED_BACK TurnTimeout", f"the write ended {fate(h)}")
-        check(fn.calls == 1, f"fn ran {fn.calls} times")
-        check(commits.count == 0, f"{commits.count} COMMIT sent")
-        check(await ledger(ser.engine) == [], "rows landed")
+        await ran_once_and_never_committed(check, fn, commits, ser)
     check.verify()
 
 
@@ -625,9 +630,7 @@ async def test_close_without_drain_during_the_retry_back_off_ends_the_write(pg_u
         check(ratio < 0.2, f"close(drain=False) took {ratio:.2f} x retry_backoff")
         await until(h.done)
         check(fate(h) == "ROLLED_BACK SerializerClosed", f"the write ended {fate(h)}")
-        check(fn.calls == 1, f"fn ran {fn.calls} times")
-        check(commits.count == 0, f"{commits.count} COMMIT sent")
-        check(await ledger(ser.engine) == [], "rows landed")
+        await ran_once_and_never_committed(check, fn, commits, ser)
     check.verify()
 
 
