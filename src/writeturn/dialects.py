@@ -8,11 +8,12 @@ Postgres, learns the fate of a transaction whose COMMIT was cut off.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import sqlite3
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
@@ -61,6 +62,19 @@ def lock_id(namespace: str, key: str) -> int:
         f"{namespace}\x00{key}".encode(), digest_size=8, person=b"writeturn.write"
     ).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+#: ``lock_id`` for the keys in use: a write's BEGIN would otherwise hash its key each time.
+_lock_id = functools.lru_cache(maxsize=4096)(lock_id)
+
+# asyncpg's states of a Transaction object; see _OneMessageBegin
+_TransactionState: Any = None
+try:
+    from asyncpg import transaction as _asyncpg_transaction  # type: ignore[import-untyped]
+
+    _TransactionState = _asyncpg_transaction.TransactionState
+except (ImportError, AttributeError):  # pragma: no cover - BEGIN then goes the adapter's way
+    pass
 
 
 class Dialect:
@@ -314,29 +328,33 @@ class PostgresDialect(Dialect):
     ) -> int | None:
         if self.coordination != "advisory":
             return None  # BEGIN goes out with the write's first statement
+        lock = _lock_id(self.namespace, key)
         adapter = _adapter(conn)
         if adapter is None or getattr(adapter, "_transaction", True) is not None:
             # Not the adapter this was written against, or SQLAlchemy already
             # has a transaction on it: the lock as an ordinary statement.
-            row = (await conn.execute(self._LOCK, {"lock_id": lock_id(self.namespace, key)})).one()
+            row = (await conn.execute(self._LOCK, {"lock_id": lock})).one()
             return int(row[1])
         # SQLAlchemy's bookkeeping first (the asyncpg adapter sends nothing for
-        # it); then BEGIN and the lock straight to the driver, as the adapter
-        # itself would begin: a statement through SQLAlchemy costs several
-        # times the driver's own work for this one row.
+        # it); then BEGIN and the lock straight to the driver: a statement
+        # through SQLAlchemy costs several times the driver's own work for
+        # this one row.
         await conn.begin()
+        statement = self._LOCK_SQL
         try:
             async with adapter._execute_mutex:
+                one = _OneMessageBegin.prepare(adapter, lock)
+                if one is not None:
+                    statement = one.query
+                    return await one.send()
                 # The adapter's own start: asyncpg's Transaction object, its
                 # _top_xact and SQLAlchemy's adapter._transaction agree, so
                 # COMMIT, ROLLBACK and begin_nested() work as after a lazy BEGIN.
                 await adapter._start_transaction()
-                row = await adapter.driver_connection.fetchrow(
-                    self._LOCK_SQL, lock_id(self.namespace, key)
-                )
+                row = await adapter.driver_connection.fetchrow(self._LOCK_SQL, lock)
+                return int(row[1])
         except Exception as exc:
-            raise await _wrapped(conn, adapter, exc, self._LOCK_SQL) from exc
-        return int(row[1])
+            raise await _wrapped(conn, adapter, exc, statement) from exc
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         """Send the protocol's CancelRequest for ``conn``'s running statement.
@@ -353,7 +371,7 @@ class PostgresDialect(Dialect):
         if driver is None or driver.is_closed():
             return
         try:
-            from asyncpg import connect_utils  # type: ignore[import-untyped]
+            from asyncpg import connect_utils
 
             cancel = connect_utils._cancel
             addr, params = driver._addr, driver._params
@@ -480,6 +498,111 @@ def _adapter(conn: AsyncConnection) -> Any:
     if not all(hasattr(adapter, name) for name in ("_start_transaction", "_execute_mutex")):
         return None
     return adapter
+
+
+class _OneMessageBegin:
+    """BEGIN, the advisory lock and the transaction id in one message, one round trip.
+
+    asyncpg's own start of a transaction is a message of its own, and the lock
+    with ``txid_current()`` would be a second: together a round trip more than
+    a plain write, whose BEGIN SQLAlchemy sends with its first statement. The
+    simple-query protocol takes several statements in one message; the
+    transaction id comes back as the COPY data of the last one (the only
+    rows asyncpg reads from a simple query). The lock id is an integer the
+    library computed, so nothing from outside enters the text.
+
+    Before it sends, it sets up what asyncpg's ``Transaction.start()`` and the
+    adapter's ``_start_transaction()`` would have: a started top-level
+    ``Transaction`` and the adapter's reference to it, so COMMIT, ROLLBACK and
+    savepoints go through them as after their own BEGIN. If the message
+    fails, they keep the transaction only where BEGIN took effect (the
+    server is in a transaction, aborted or not: the usual ROLLBACK ends it).
+    These are asyncpg's and the adapter's internals: :meth:`prepare` returns
+    None where they are not as expected, and BEGIN then goes the adapter's way.
+    """
+
+    __slots__ = ("adapter", "driver", "transaction", "query", "chunks")
+
+    _ISOLATION: ClassVar[dict[str | None, str]] = {
+        None: "",
+        "read_committed": " ISOLATION LEVEL READ COMMITTED",
+        "read_uncommitted": " ISOLATION LEVEL READ UNCOMMITTED",
+        "repeatable_read": " ISOLATION LEVEL REPEATABLE READ",
+        "serializable": " ISOLATION LEVEL SERIALIZABLE",
+    }
+
+    def __init__(self, adapter: Any, driver: Any, transaction: Any, query: str) -> None:
+        self.adapter, self.driver, self.transaction, self.query = (
+            adapter,
+            driver,
+            transaction,
+            query,
+        )
+        self.chunks: list[bytes] = []
+
+    @classmethod
+    def prepare(cls, adapter: Any, lock: int) -> _OneMessageBegin | None:
+        driver = adapter.driver_connection
+        isolation = getattr(adapter, "isolation_level", "?")
+        if (
+            _TransactionState is None
+            or isolation not in cls._ISOLATION
+            or not hasattr(getattr(driver, "_protocol", None), "copy_out")
+            or getattr(driver, "_top_xact", "?") is not None
+            or driver.is_in_transaction()
+        ):
+            return None
+        readonly, deferrable = bool(adapter.readonly), bool(adapter.deferrable)
+        begin = "BEGIN" + cls._ISOLATION[isolation]
+        if readonly:
+            begin += " READ ONLY"
+        if deferrable:
+            begin += " DEFERRABLE"
+        query = (
+            f"{begin}; SELECT pg_advisory_xact_lock({int(lock)}); "
+            "COPY (SELECT txid_current()) TO STDOUT"
+        )
+        transaction = driver.transaction(
+            isolation=isolation, readonly=readonly, deferrable=deferrable
+        )
+        return cls(adapter, driver, transaction, query)
+
+    async def send(self) -> int:
+        adapter, driver, transaction = self.adapter, self.driver, self.transaction
+        transaction._state = _TransactionState.STARTED
+        driver._top_xact = transaction
+        adapter._transaction = transaction
+        if hasattr(adapter, "_started"):  # SQLAlchemy 2.0's adapter
+            adapter._started = True
+        try:
+            await driver._protocol.copy_out(self.query, self._sink, None)
+        except BaseException as exc:
+            if not driver.is_closed() and (
+                getattr(exc, "severity", None) in ("FATAL", "PANIC")
+                or "cannot switch to state" in str(exc)
+            ):
+                # The server ended the session (its FATAL error comes before the
+                # socket's close, and asyncpg's COPY reports it at once), or the
+                # protocol is still inside an operation such an end cut short:
+                # the connection cannot be used again. Closed now, it is
+                # discarded like any dead one, and BEGIN takes a fresh one.
+                driver.terminate()
+            if driver.is_closed() or not driver.is_in_transaction():
+                self._forget()
+            raise
+        return int(b"".join(self.chunks))
+
+    async def _sink(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def _forget(self) -> None:
+        """BEGIN did not take effect: nobody may think a transaction is open."""
+        self.transaction._state = _TransactionState.FAILED
+        if self.driver._top_xact is self.transaction:
+            self.driver._top_xact = None
+        self.adapter._transaction = None
+        if hasattr(self.adapter, "_started"):
+            self.adapter._started = False
 
 
 async def _wrapped(

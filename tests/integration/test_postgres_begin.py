@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 
 from writeturn import Outcome, TurnTimeout, WriteSerializer
 from writeturn.dialects import PostgresDialect, lock_id
@@ -135,3 +135,51 @@ async def test_a_connection_found_dead_at_begin_is_invalidated(pg_url: str) -> N
     finally:
         await killer.close()
         await engine.dispose()
+
+
+async def test_begin_and_the_lock_travel_in_one_message(pg_url: str) -> None:
+    """An advisory write costs the round trips of a plain one: BEGIN, the lock and the
+    transaction id go out together, so a one-statement write sends three messages
+    (BEGIN with the lock, the statement, COMMIT), as SQLAlchemy's lazy BEGIN does."""
+    sent: list[bytes] = []
+
+    def count_writes(conn: AsyncConnection) -> None:
+        transport = conn.sync_connection.connection.driver_connection._transport  # type: ignore[union-attr]
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            sent.append(bytes(data))
+            write(data)
+
+        transport.write = counted
+
+    async with asyncio.timeout(60):
+        for coordination, expected in (("turn", 3), ("advisory", 3)):
+            async with WriteSerializer.from_url(pg_url, coordination=coordination) as ser:
+                await create_tables(ser.engine)
+                async with ser.transaction(key="k") as session:
+                    count_writes(await session.connection())
+                    sent.clear()
+                    await record(session, "k", "w", 1)
+                # The connection is parked between writes: the next write reuses it.
+                sent.clear()
+                h = ser.submit(record, "k", "w", 2, key="k")
+                await h
+                assert h.outcome is Outcome.COMMITTED
+                assert len(sent) == expected, (coordination, sent)
+                async with ser.engine.begin() as conn:
+                    await conn.exec_driver_sql("DROP TABLE ledger, counter")
+        # BEGIN still returns the transaction id (it resolves a COMMIT cut off), and the
+        # lock is held in a transaction that SQLAlchemy knows and ends.
+        engine = create_async_engine(pg_url)
+        try:
+            async with engine.connect() as conn:
+                xid = await PostgresDialect("advisory", "writeturn").begin(conn, "k")
+                assert conn.in_transaction()
+                assert xid == (await conn.exec_driver_sql("SELECT txid_current()")).scalar()
+                assert (await conn.exec_driver_sql(HELD_BY_ME)).scalar() == 1
+                await conn.rollback()
+                assert (await conn.exec_driver_sql(HELD_BY_ME)).scalar() == 0
+                await conn.rollback()
+        finally:
+            await engine.dispose()
