@@ -110,6 +110,13 @@ class SingleRun:
             await txn.finish()
             return _Ending(Outcome.ROLLED_BACK, None, error)
         record.move(State.COMMITTING)
+        if rt.dialect.lock_orders_next and record.attempts >= record.retries:
+            # The database holds the next write of the key at its lock until
+            # this COMMIT has ended, so its BEGIN may go out now. Only a write
+            # that cannot run again passes its turn on early: a retry keeps
+            # its place in line.
+            assert rt.gate is None
+            record.release_turn()
         outcome, error = await txn.commit(record.idempotency_key)
         error = txn.explain(outcome, error)
         await txn.finish()
@@ -122,7 +129,8 @@ class SingleRun:
             assert rt.gate is not None
             rt.gate.release(GATE_KEY)
             self._gate_held = False
-        record.release_turn()
+        if record.holds_turn:  # it may have passed on as its COMMIT went out
+            record.release_turn()
         record.conclude(ending.outcome, ending.result, ending.error)
 
     def _done(self, task: asyncio.Task[None]) -> None:

@@ -114,6 +114,9 @@ class WriteRecord(Waiter):
     # - ``holds_turn`` is True from the grant of the key's own turn until its
     #   holder hands it on, exactly once (release_turn); a write a batch
     #   claimed never holds the turn itself; no write settles holding it;
+    # - the turn is handed on after the transaction ended, except where the
+    #   database's lock holds the next write until then (Dialect.lock_orders_next):
+    #   there a write that cannot run again hands it on as its COMMIT goes out;
     # - the timer is disarmed at settle(): no timer outlives its write.
     """
 

@@ -88,6 +88,14 @@ class Dialect:
     #: function that caught the error must not be reported as committed.
     aborts_on_error: bool = False
 
+    @property
+    def lock_orders_next(self) -> bool:
+        """True when the database itself holds the key's next write until this one's
+        transaction has ended (Postgres in advisory mode: the next BEGIN waits for
+        the key's lock, which COMMIT releases). The turn may then pass on as the
+        COMMIT goes out, so the next write's BEGIN travels while it is under way."""
+        return False
+
     def __init__(self, coordination: Coordination, namespace: str) -> None:
         self.coordination = coordination
         self.namespace = namespace
@@ -315,6 +323,10 @@ class PostgresDialect(Dialect):
 
     name = "postgresql"
     aborts_on_error = True
+
+    @property
+    def lock_orders_next(self) -> bool:
+        return self.coordination == "advisory"
 
     _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id), txid_current()")
     _STATUS = text("SELECT txid_status(:xid)")

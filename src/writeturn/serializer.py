@@ -60,14 +60,17 @@ class WriteSerializer:
 
     Guarantees (each one tested against the real database):
 
-    1. Mutual exclusion: per key, at most one write transaction is in progress
-       at a time: among this process's tasks (``coordination="turn"``), or
-       among all processes sharing the database (``"advisory"``).
+    1. Mutual exclusion: per key, one write runs at a time (its function
+       starts after the previous write's transaction ended): among this
+       process's tasks (``coordination="turn"``), or among all processes
+       sharing the database (``"advisory"``).
     2. Order: per (key, writer), writes start in submission order.
     3. Alternation: per key, turns rotate round-robin among writers with
        pending writes; ``writer=None`` makes each write its own writer.
     4. Clean hand-over: a turn passes on only after COMMIT or ROLLBACK was
-       acknowledged (or the connection was discarded).
+       acknowledged (or the connection was discarded); in advisory mode on
+       Postgres, a write that will not run again passes it on as its COMMIT
+       goes out, and the key's lock holds the next write until that ended.
     5. Cancellation: queued, the write is WITHDRAWN and never runs; running,
        it is rolled back to completion, then the turn passes (ROLLED_BACK);
        committing, the commit finishes and the outcome says what happened;

@@ -1,0 +1,82 @@
+"""Advisory mode on Postgres passes a key's turn on as a write's COMMIT goes out: the
+database's lock holds the next write until that COMMIT has ended, so the next write's
+BEGIN travels during the COMMIT, while its function still starts after it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from writeturn import Outcome, WriteSerializer
+
+from ._db import create_tables, ledger, pg_leftovers, record
+from .test_connections import _asyncpg_kwargs
+
+pytestmark = pytest.mark.postgres
+
+#: A COMMIT that takes COMMIT_SECONDS: a deferred trigger sleeps when it fires, at COMMIT.
+SLOW_COMMIT_DDL = (
+    "CREATE TABLE slow (id INTEGER)",
+    "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+)
+WAITING_FOR_A_WRITE_LOCK = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+)
+
+
+async def _slow(session: AsyncSession, seq: int) -> None:
+    await record(session, "k", "slow", seq)
+    await session.execute(text("INSERT INTO slow VALUES (:i)"), {"i": seq})
+
+
+async def _after(session: AsyncSession, seq: int) -> int:
+    """The next write: it must see the slow write's row, so it ran after that COMMIT."""
+    seen = (await session.execute(text("SELECT count(*) FROM slow"))).scalar_one()
+    await record(session, "k", "next", seq)
+    return int(seen)
+
+
+async def _max_waiting(observer: asyncpg.Connection, until: asyncio.Future[object]) -> int:
+    most = 0
+    while not until.done():
+        most = max(most, int(await observer.fetchval(WAITING_FOR_A_WRITE_LOCK)))
+        await asyncio.sleep(0.02)
+    return most
+
+
+@pytest.mark.parametrize("retries", [0, 2], ids=["cannot-retry", "may-retry"])
+async def test_the_next_begin_travels_during_the_commit(pg_url: str, retries: int) -> None:
+    observer = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    try:
+        async with (
+            asyncio.timeout(60),
+            WriteSerializer.from_url(pg_url, coordination="advisory", retries=retries) as ser,
+        ):
+            await create_tables(ser.engine)
+            async with ser.engine.begin() as conn:
+                for ddl in SLOW_COMMIT_DDL:
+                    await conn.exec_driver_sql(ddl)
+            slow = ser.submit(_slow, 1, key="k")
+            after = ser.submit(_after, 2, key="k")
+            waiting = await _max_waiting(observer, asyncio.ensure_future(asyncio.shield(slow)))
+            assert await after == 1  # the next write saw the slow write's row
+            assert (slow.outcome, after.outcome) == (Outcome.COMMITTED, Outcome.COMMITTED)
+            if retries == 0:
+                # Its BEGIN went out during the slow COMMIT: it waited for the key's lock.
+                assert waiting == 1
+            else:
+                # A write that may run again keeps its turn until its COMMIT is
+                # acknowledged (a retry keeps its place): nobody waited.
+                assert waiting == 0
+            assert [r[2] for r in await ledger(ser.engine)] == ["slow", "next"]
+            assert ser.stats().connections_invalidated == 0
+            assert await pg_leftovers(ser.engine) == (0, 0)
+    finally:
+        await observer.close()
