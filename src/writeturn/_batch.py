@@ -20,7 +20,9 @@ outcome, never half of them.
 # Invariants:
 # - the batch holds the key's turn (taken over from its first write) and
 #   SQLite's gate until the last attempt ended and the connection was handed
-#   back; claimed writes are never in the queue;
+#   back, and hands the turn on exactly once: at the end of its run, or, if
+#   its task was cancelled before its first step, in the task's done callback;
+#   claimed writes are never in the queue;
 # - the task is cancelled only for the write whose function runs now
 #   (``_current``), or when no write is left, so a stop never lands in another
 #   write's function; during a database call the cancellation is held back;
@@ -44,7 +46,7 @@ __all__ = ["BatchRun"]
 class BatchRun:
     """Runs one batch of writes of a key, from its window to the hand-over of the turn."""
 
-    __slots__ = ("_rt", "_key", "_pending", "_current", "_txn", "_task", "_gate_held")
+    __slots__ = ("_rt", "_key", "_pending", "_current", "_txn", "_task", "_gate_held", "_started")
 
     def __init__(self, rt: Runtime, leader: WriteRecord) -> None:
         self._rt = rt
@@ -55,8 +57,10 @@ class BatchRun:
         self._current: WriteRecord | None = None  # the write whose function runs now
         self._txn = Transaction(rt, leader.key, owns_task=True)
         self._gate_held = False
+        self._started = False
         loop = asyncio.get_running_loop()
         self._task = GuardedTask(self._run(), loop=loop, context=leader.context)
+        self._task.add_done_callback(self._done)
         rt.keep(self._task)
 
     # -- the Runner interface ------------------------------------------------------
@@ -79,6 +83,7 @@ class BatchRun:
     # -- the run --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._started = True
         rt, txn = self._rt, self._txn
         HELD.set((*HELD.get(), (rt, self._key, self._task)))
         try:
@@ -109,6 +114,16 @@ class BatchRun:
                 assert rt.gate is not None
                 rt.gate.release(GATE_KEY)
             rt.release(self._key)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if self._started:
+            return  # _run's own ``finally`` handed the turn on
+        # Cancelled before its first step (its only write was stopped as the turn
+        # came, see stop()), the task ran no code: pass the key's turn on here.
+        for record in self._pending:
+            record.conclude(record.unbegun_outcome, None, asyncio.CancelledError())
+        self._pending.clear()
+        self._rt.release(self._key)
 
     async def _gather(self) -> None:
         """Claim the next writes in line; wait ``batch_window`` for more only where

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from writeturn import Outcome, PoolExhausted, TurnTimeout, WriteSerializer
+from writeturn import Outcome, PoolExhausted, TurnTimeout, WriteHandle, WriteSerializer
 
 from ._db import create_tables, ledger, record
 from .test_connections import slow_statement
@@ -112,3 +112,37 @@ async def test_a_batch_waiting_for_another_process_lock_keeps_its_deadlines(
         assert max(ends) < 5.0 / 4, ends  # their timeouts, not the 5 s busy timeout
         await ser.run(record, "k", "after", 9, key="k", timeout=10)
         assert [r[2] for r in await ledger(ser.engine)] == ["after"]
+
+
+async def test_a_batch_stopped_before_its_task_starts_hands_the_turn_on(db_url: str) -> None:
+    """The key's turn passes to a batch as the previous write ends; if the batch's
+    only write is cancelled before the batch's task has run a step, the task never
+    runs, and the turn must still pass on (before: every later write on the key
+    waited forever)."""
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(db_url, batch_max=16) as ser,
+    ):
+        await create_tables(ser.engine)
+        queued: list[WriteHandle[int]] = []
+        inside, submitted = asyncio.Event(), asyncio.Event()
+
+        async def block() -> None:
+            async with ser.transaction(key="k") as session:
+                await record(session, "k", "block", 0)
+                inside.set()
+                await submitted.wait()
+            # The block ended: the queued write's turn came, and with it a batch
+            # whose task has not started yet. Stop that write now.
+            queued[0].cancel()
+
+        holder = asyncio.ensure_future(block())
+        await inside.wait()
+        queued.append(ser.submit(record, "k", "cancelled", 1, key="k"))
+        submitted.set()
+        await holder
+        with pytest.raises(asyncio.CancelledError):
+            await queued[0]
+        assert queued[0].outcome is Outcome.WITHDRAWN
+        await ser.run(record, "k", "after", 2, key="k", timeout=5)
+        assert [r[2] for r in await ledger(ser.engine)] == ["block", "after"]
