@@ -52,6 +52,11 @@ class ConnectionCache:
             self._discard(conn)
         return None
 
+    def can_serve_another(self) -> bool:
+        """Whether another write could have a connection at once (a parked one, or
+        the pool's), while the connections in use stay checked out."""
+        return bool(self._spares) or _room_left(self._engine.pool)
+
     def park(self, conn: AsyncConnection) -> bool:
         """Keep ``conn`` for the next write instead of returning it to the pool."""
         if (

@@ -110,11 +110,17 @@ class SingleRun:
             await txn.finish()
             return _Ending(Outcome.ROLLED_BACK, None, error)
         record.move(State.COMMITTING)
-        if rt.dialect.lock_orders_next and record.attempts >= record.retries:
+        if (
+            rt.dialect.lock_orders_next
+            and record.attempts >= record.retries
+            and rt.connections.can_serve_another()
+        ):
             # The database holds the next write of the key at its lock until
             # this COMMIT has ended, so its BEGIN may go out now. Only a write
-            # that cannot run again passes its turn on early: a retry keeps
-            # its place in line.
+            # that cannot run again passes its turn on early (a retry keeps its
+            # place in line), and only while the next write can have a
+            # connection at once (else it would wait for this one anyway, and
+            # could meet the pool's timeout).
             assert rt.gate is None
             record.release_turn()
         outcome, error = await txn.commit(record.idempotency_key)

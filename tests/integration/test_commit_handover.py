@@ -80,3 +80,30 @@ async def test_the_next_begin_travels_during_the_commit(pg_url: str, retries: in
             assert await pg_leftovers(ser.engine) == (0, 0)
     finally:
         await observer.close()
+
+
+async def test_with_no_connection_to_spare_the_turn_waits_for_the_commit(pg_url: str) -> None:
+    """Passing the turn on early needs a second connection for the next write: with
+    none to spare (a one-connection pool), the turn waits for the COMMIT as before,
+    so the next write never waits for the pool (and never hits its pool_timeout)."""
+    observer = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+    try:
+        async with (
+            asyncio.timeout(60),
+            WriteSerializer.from_url(
+                pg_url, coordination="advisory", pool_size=1, max_overflow=0, pool_timeout=0.2
+            ) as ser,
+        ):
+            await create_tables(ser.engine)
+            async with ser.engine.begin() as conn:
+                for ddl in SLOW_COMMIT_DDL:
+                    await conn.exec_driver_sql(ddl)
+            slow = ser.submit(_slow, 1, key="k")
+            after = ser.submit(_after, 2, key="k")
+            waiting = await _max_waiting(observer, asyncio.ensure_future(asyncio.shield(slow)))
+            assert await after == 1
+            assert (slow.outcome, after.outcome) == (Outcome.COMMITTED, Outcome.COMMITTED)
+            assert waiting == 0
+            assert [r[2] for r in await ledger(ser.engine)] == ["slow", "next"]
+    finally:
+        await observer.close()
