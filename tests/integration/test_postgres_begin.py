@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 
-from writeturn import Outcome, TurnTimeout, WriteSerializer
+from writeturn import Outcome, TurnTimeout, WriteSerializer, dialects
 from writeturn.dialects import PostgresDialect, lock_id
 
 from ._db import create_tables, ledger, pg_leftovers, record
@@ -31,7 +31,16 @@ class Boom(Exception):
     pass
 
 
-async def test_every_view_of_the_transaction_agrees(pg_url: str) -> None:
+@pytest.fixture(params=["one message", "the adapter's BEGIN"])
+def begin_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways BEGIN goes: in one message with the lock, and, where asyncpg's
+    internals are not as expected, the adapter's own BEGIN then the lock."""
+    if request.param != "one message":
+        monkeypatch.setattr(dialects._OneMessageBegin, "prepare", classmethod(lambda *a: None))
+    return str(request.param)
+
+
+async def test_every_view_of_the_transaction_agrees(pg_url: str, begin_path: str) -> None:
     async with (
         asyncio.timeout(60),
         WriteSerializer.from_url(
@@ -76,7 +85,9 @@ async def test_every_view_of_the_transaction_agrees(pg_url: str) -> None:
         assert await pg_leftovers(ser.engine) == (0, 0)
 
 
-async def test_a_lock_wait_cut_by_a_timeout_leaves_the_connection_usable(pg_url: str) -> None:
+async def test_a_lock_wait_cut_by_a_timeout_leaves_the_connection_usable(
+    pg_url: str, begin_path: str
+) -> None:
     holder = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
     try:
         async with (
@@ -101,7 +112,9 @@ async def test_a_lock_wait_cut_by_a_timeout_leaves_the_connection_usable(pg_url:
         await holder.close()
 
 
-async def test_a_connection_found_dead_at_begin_is_invalidated(pg_url: str) -> None:
+async def test_a_connection_found_dead_at_begin_is_invalidated(
+    pg_url: str, begin_path: str
+) -> None:
     """Killed while idle, or while its lock waits: BEGIN raises what SQLAlchemy would
     (a DBAPIError saying the connection was invalidated), so the write takes a fresh one."""
     engine = create_async_engine(pg_url)
