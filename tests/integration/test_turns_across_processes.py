@@ -153,10 +153,15 @@ async def test_processes_take_turns(db_url: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_without_the_queue_one_process_drains_its_backlog(tmp_path: Path) -> None:
-    """The control: in turn mode (no line), SQLite's own lock is not taken in turn."""
+    """The control: in turn mode (no line), SQLite's own lock is not taken in turn.
+
+    A process that drains its backlog shows either as a long run while another
+    process, which has had a turn, waits, or, when it drains before the others
+    had any turn, as their late first turns: both are what the advisory test
+    above bounds, and here at least one of them must be broken."""
     turns = await run_processes(f"sqlite:///{tmp_path / 'turns.db'}", "turn", tmp_path)
     print(f"\n[turn] {turns}")
-    assert turns.longest_run > 2
+    assert turns.longest_run > 2 or max(turns.first_turn.values()) > 2 * PROCESSES * WRITERS, turns
 
 
 # -- a process that holds a place in the line dies or freezes -------------------------
