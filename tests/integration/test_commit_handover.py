@@ -5,6 +5,7 @@ BEGIN travels during the COMMIT, while its function still starts after it."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
@@ -51,13 +52,15 @@ async def _max_waiting(observer: asyncpg.Connection, until: asyncio.Future[objec
     return most
 
 
-@pytest.mark.parametrize("retries", [0, 2], ids=["cannot-retry", "may-retry"])
-async def test_the_next_begin_travels_during_the_commit(pg_url: str, retries: int) -> None:
+async def _slow_commit_then_next(pg_url: str, **options: Any) -> int:
+    """A write whose COMMIT is slow, and the next write of its key: both commit, in
+    that order, the next one after seeing the first's row. Returns how many
+    sessions at most waited for a write lock during the slow COMMIT."""
     observer = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
     try:
         async with (
             asyncio.timeout(60),
-            WriteSerializer.from_url(pg_url, coordination="advisory", retries=retries) as ser,
+            WriteSerializer.from_url(pg_url, coordination="advisory", **options) as ser,
         ):
             await create_tables(ser.engine)
             async with ser.engine.begin() as conn:
@@ -68,42 +71,26 @@ async def test_the_next_begin_travels_during_the_commit(pg_url: str, retries: in
             waiting = await _max_waiting(observer, asyncio.ensure_future(asyncio.shield(slow)))
             assert await after == 1  # the next write saw the slow write's row
             assert (slow.outcome, after.outcome) == (Outcome.COMMITTED, Outcome.COMMITTED)
-            if retries == 0:
-                # Its BEGIN went out during the slow COMMIT: it waited for the key's lock.
-                assert waiting == 1
-            else:
-                # A write that may run again keeps its turn until its COMMIT is
-                # acknowledged (a retry keeps its place): nobody waited.
-                assert waiting == 0
             assert [r[2] for r in await ledger(ser.engine)] == ["slow", "next"]
             assert ser.stats().connections_invalidated == 0
             assert await pg_leftovers(ser.engine) == (0, 0)
+            return waiting
     finally:
         await observer.close()
+
+
+async def test_the_next_begin_travels_during_the_commit(pg_url: str) -> None:
+    # Its BEGIN went out during the slow COMMIT: it waited for the key's lock.
+    assert await _slow_commit_then_next(pg_url) == 1
+
+
+async def test_a_write_that_may_run_again_keeps_its_turn_until_its_commit(pg_url: str) -> None:
+    # Until its COMMIT is acknowledged (a retry keeps its place): nobody waited.
+    assert await _slow_commit_then_next(pg_url, retries=2) == 0
 
 
 async def test_with_no_connection_to_spare_the_turn_waits_for_the_commit(pg_url: str) -> None:
     """Passing the turn on early needs a second connection for the next write: with
     none to spare (a one-connection pool), the turn waits for the COMMIT as before,
     so the next write never waits for the pool (and never hits its pool_timeout)."""
-    observer = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
-    try:
-        async with (
-            asyncio.timeout(60),
-            WriteSerializer.from_url(
-                pg_url, coordination="advisory", pool_size=1, max_overflow=0, pool_timeout=0.2
-            ) as ser,
-        ):
-            await create_tables(ser.engine)
-            async with ser.engine.begin() as conn:
-                for ddl in SLOW_COMMIT_DDL:
-                    await conn.exec_driver_sql(ddl)
-            slow = ser.submit(_slow, 1, key="k")
-            after = ser.submit(_after, 2, key="k")
-            waiting = await _max_waiting(observer, asyncio.ensure_future(asyncio.shield(slow)))
-            assert await after == 1
-            assert (slow.outcome, after.outcome) == (Outcome.COMMITTED, Outcome.COMMITTED)
-            assert waiting == 0
-            assert [r[2] for r in await ledger(ser.engine)] == ["slow", "next"]
-    finally:
-        await observer.close()
+    assert await _slow_commit_then_next(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.2) == 0
