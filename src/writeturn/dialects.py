@@ -544,12 +544,10 @@ class _OneMessageBegin:
     }
 
     def __init__(self, adapter: Any, driver: Any, transaction: Any, query: str) -> None:
-        self.adapter, self.driver, self.transaction, self.query = (
-            adapter,
-            driver,
-            transaction,
-            query,
-        )
+        self.adapter = adapter
+        self.driver = driver
+        self.transaction = transaction
+        self.query = query
         self.chunks: list[bytes] = []
 
     @classmethod
