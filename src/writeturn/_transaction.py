@@ -444,9 +444,13 @@ class Transaction:
         rt = self._rt
         try:
             async with rt.engine.connect() as conn:
-                await rt.dialect.begin(conn, self._key)
-                committed = await journal.probe(conn, rt.options.namespace, idempotency_key)
-                await conn.rollback()
+                try:
+                    await rt.dialect.begin(conn, self._key)
+                    committed = await journal.probe(conn, rt.options.namespace, idempotency_key)
+                    await conn.rollback()
+                finally:
+                    if not conn.invalidated:
+                        await rt.dialect.release(conn)
         except Exception as exc:
             log.warning("writeturn: could not read the journal to learn an outcome: %r", exc)
             return Outcome.UNKNOWN
@@ -519,6 +523,8 @@ class Transaction:
         conn, self.conn = self._conn(), None
         rt = self._rt
         _owned.disown(conn)
+        if not conn.invalidated and rt.dialect.holds_lock(conn):
+            await self._release_lock(conn)
         if conn.invalidated:
             rt.counters.connections_invalidated += 1
             rt.connections.drop_all()
@@ -528,6 +534,20 @@ class Transaction:
             await self.call(conn.close(), interruptible=False)
         except Exception as exc:
             log.warning("writeturn: returning a connection failed (%r)", exc)
+
+    async def _release_lock(self, conn: AsyncConnection) -> None:
+        """Release the key's lock a snapshot-level BEGIN took; a connection that cannot
+        be unlocked is discarded (its session, and so its lock, ends with it)."""
+        try:
+            await self.call(self._rt.dialect.release(conn), interruptible=False)
+        except Exception as exc:
+            log.warning(
+                "writeturn: releasing a key's lock failed (%r); discarding the connection", exc
+            )
+            try:
+                await self.call(conn.invalidate(), interruptible=False)
+            except Exception:
+                pass
 
     def _drop_session(self) -> None:
         """Detach what the write loaded; the session never owned the connection

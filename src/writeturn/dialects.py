@@ -113,6 +113,19 @@ class Dialect:
         """Whether the driver's connection is inside a transaction, whatever SQLAlchemy thinks."""
         return False
 
+    async def isolation(self, conn: AsyncConnection) -> str:
+        """The isolation level writes run at, as the database names it."""
+        return "serializable"
+
+    def holds_lock(self, conn: AsyncConnection) -> bool:
+        """Whether ``conn`` holds a key's lock beyond its transaction (see :meth:`release`)."""
+        return False
+
+    async def release(self, conn: AsyncConnection) -> None:
+        """Release a key's lock that outlives the transaction that took it, if ``conn``
+        holds one; called when the transaction has ended, before ``conn`` is reused."""
+        return None
+
     def alive(self, conn: AsyncConnection) -> bool:
         """False if the driver already knows ``conn`` was closed (no round trip)."""
         return True
@@ -298,6 +311,7 @@ class SQLiteDialect(Dialect):
         return "database is locked" in text_ or "database table is locked" in text_
 
 
+_SESSION_LOCK = "writeturn_session_lock"  # conn.info: a key's session lock taken (or asked for)
 _BUSY_SHORTENED = "writeturn_busy_shortened"  # conn.info: a capped BEGIN changed the timeout
 _PATIENCE = 1.0  # seconds beyond the busy timeout before a line that does not move is left
 
@@ -335,6 +349,32 @@ class PostgresDialect(Dialect):
     #: The lock query as asyncpg takes it: one prepared statement for every key.
     _LOCK_SQL = "SELECT pg_advisory_xact_lock($1), txid_current()"
 
+    #: Isolation levels whose transaction snapshot is fixed by the first statement.
+    _SNAPSHOT_LEVELS = frozenset({"repeatable_read", "serializable"})
+
+    def __init__(self, coordination: Coordination, namespace: str) -> None:
+        super().__init__(coordination, namespace)
+        #: A BEGIN that names no level runs at REPEATABLE READ or SERIALIZABLE (the
+        #: server's, database's or role's default_transaction_isolation); see isolation().
+        self.default_snapshot = False
+
+    async def isolation(self, conn: AsyncConnection) -> str:
+        """The level writes on ``conn``'s engine run at ("read committed", ...).
+
+        Also learns the server's default, which a BEGIN that names no level gets.
+        """
+        result = await conn.exec_driver_sql(
+            "SELECT current_setting('transaction_isolation'), "
+            "current_setting('default_transaction_isolation')"
+        )
+        level, default = (str(value) for value in result.one())
+        self.default_snapshot = default.replace(" ", "_") in self._SNAPSHOT_LEVELS
+        return level
+
+    def _snapshot(self, adapter: Any) -> bool:
+        level = getattr(adapter, "isolation_level", None)
+        return level in self._SNAPSHOT_LEVELS or (level is None and self.default_snapshot)
+
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
     ) -> int | None:
@@ -342,6 +382,8 @@ class PostgresDialect(Dialect):
             return None  # BEGIN goes out with the write's first statement
         lock = _lock_id(self.namespace, key)
         adapter = _adapter(conn)
+        if adapter is not None and self._snapshot(adapter):
+            return await self._begin_after_lock(conn, adapter, lock)
         if adapter is None or getattr(adapter, "_transaction", True) is not None:
             # Not the adapter this was written against, or SQLAlchemy already
             # has a transaction on it: the lock as an ordinary statement.
@@ -367,6 +409,58 @@ class PostgresDialect(Dialect):
                 return int(row[1])
         except Exception as exc:
             raise await _wrapped(conn, adapter, exc, statement) from exc
+
+    async def _begin_after_lock(self, conn: AsyncConnection, adapter: Any, lock: int) -> int:
+        """Take the key's lock first, then BEGIN: for the levels that fix a snapshot.
+
+        At REPEATABLE READ and SERIALIZABLE the transaction's snapshot is fixed by
+        its first statement when that statement starts: a ``pg_advisory_xact_lock``
+        inside the transaction would take it and then wait, and the write would
+        run after the previous holder's COMMIT but see the database as it was
+        before it. So the lock is a session lock taken outside any transaction,
+        and the transaction begins once it is held; :meth:`release` unlocks it
+        when the transaction has ended, before the connection serves anyone else.
+        A connection that dies holding it loses it with its session.
+        """
+        if getattr(adapter, "_transaction", None) is not None:
+            raise ConfigurationError(
+                "a write at REPEATABLE READ or SERIALIZABLE must take the key's lock before "
+                "its transaction begins, and this connection is already in one; writeturn "
+                "begins each write's transaction itself: do not begin one on its connection"
+            )
+        await conn.begin()  # SQLAlchemy's bookkeeping: the adapter sends nothing for it
+        driver = adapter.driver_connection
+        statement = f"SELECT pg_advisory_lock({int(lock)})"
+        try:
+            async with adapter._execute_mutex:
+                # Noted before it is sent: a lock granted as the write was stopped is
+                # released all the same.
+                conn.info[_SESSION_LOCK] = lock
+                await driver.execute(statement)
+                one = _OneMessageBegin.prepare(adapter, None)
+                if one is not None:
+                    statement = one.query
+                    return await one.send()
+                await adapter._start_transaction()
+                statement = "SELECT txid_current()"
+                return int(await driver.fetchval(statement))
+        except Exception as exc:
+            raise await _wrapped(conn, adapter, exc, statement) from exc
+
+    def holds_lock(self, conn: AsyncConnection) -> bool:
+        return _SESSION_LOCK in conn.info
+
+    async def release(self, conn: AsyncConnection) -> None:
+        if _SESSION_LOCK not in conn.info:
+            return
+        adapter = _adapter(conn)
+        if adapter is None:
+            raise RuntimeError("the connection's adapter is gone; it cannot be unlocked")
+        async with adapter._execute_mutex:
+            # Every session lock of this connection is writeturn's; unlock_all,
+            # unlike unlock, says nothing when the lock was never granted.
+            await adapter.driver_connection.execute("SELECT pg_advisory_unlock_all()")
+        del conn.info[_SESSION_LOCK]
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         """Send the protocol's CancelRequest for ``conn``'s running statement.
@@ -551,7 +645,9 @@ class _OneMessageBegin:
         self.chunks: list[bytes] = []
 
     @classmethod
-    def prepare(cls, adapter: Any, lock: int) -> _OneMessageBegin | None:
+    def prepare(cls, adapter: Any, lock: int | None) -> _OneMessageBegin | None:
+        """The message for ``adapter``'s connection, with the lock on ``lock`` unless None
+        (a session lock was taken before: see ``PostgresDialect._begin_after_lock``)."""
         driver = adapter.driver_connection
         isolation = getattr(adapter, "isolation_level", "?")
         if (
@@ -568,10 +664,8 @@ class _OneMessageBegin:
             begin += " READ ONLY"
         if deferrable:
             begin += " DEFERRABLE"
-        query = (
-            f"{begin}; SELECT pg_advisory_xact_lock({int(lock)}); "
-            "COPY (SELECT txid_current()) TO STDOUT"
-        )
+        locking = "" if lock is None else f" SELECT pg_advisory_xact_lock({int(lock)});"
+        query = f"{begin};{locking} COPY (SELECT txid_current()) TO STDOUT"
         transaction = driver.transaction(
             isolation=isolation, readonly=readonly, deferrable=deferrable
         )

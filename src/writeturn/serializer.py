@@ -227,6 +227,7 @@ class WriteSerializer:
         try:
             async with rt.engine.connect() as conn:
                 pooled = await rt.dialect.behind_pooler(conn)
+                level = await rt.dialect.isolation(conn)
                 if rt.options.journal:
                     await journal.check_table(conn)
                 await conn.rollback()
@@ -247,6 +248,7 @@ class WriteSerializer:
             ) from None
         if pooled and not rt.options.pgbouncer:
             raise ConfigurationError(_pooler_hint(rt.engine.url, "its session ids differ"))
+        _check_isolation(rt, level)
         rt.state = "started"
 
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -607,6 +609,30 @@ class WriteSerializer:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_isolation(rt: Runtime, level: str) -> None:
+    """Refuse the one combination whose writes could see a stale snapshot.
+
+    At REPEATABLE READ and SERIALIZABLE a transaction's snapshot is fixed by its
+    first statement. In advisory mode the key's lock is therefore taken before
+    the transaction begins, as a session lock, which a transaction pooler cannot
+    keep: it hands the server connection to another client after each transaction.
+    """
+    snapshot = level.lower() in ("repeatable read", "serializable")
+    if snapshot and rt.options.coordination == "advisory" and rt.options.pgbouncer:
+        shown_level = level.upper()
+        raise ConfigurationError(
+            f"writes on {redact(rt.engine.url)} run at {shown_level}, and advisory mode "
+            "behind a transaction pooler (pgbouncer=True) cannot give them a fresh "
+            f"snapshot: at {shown_level} Postgres fixes a transaction's snapshot with its "
+            "first statement, before that statement waits for the key's lock, and behind "
+            "the pooler the lock can live only inside that transaction, so a write would "
+            "not see the write that committed just before its turn. Use READ COMMITTED "
+            "(isolation_level='READ COMMITTED', the default), or coordination='turn' "
+            "(writes of one process), or connect to Postgres directly for advisory writes "
+            f"at {shown_level}"
+        )
 
 
 def _pooler_hint(url: URL, why: str) -> str:
