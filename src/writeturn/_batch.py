@@ -36,7 +36,7 @@ from typing import Any
 
 from ._guard import GuardedTask
 from ._runtime import GATE_KEY, HELD, Runtime
-from ._transaction import Transaction, call_function, retry_delay
+from ._transaction import Transaction, call_function, own_outcome, own_row, retry_delay
 from ._write import State, WriteRecord
 from .outcome import Outcome
 
@@ -213,12 +213,13 @@ class BatchRun:
         txn = self._txn
         for record, _ in ran:
             record.move(State.COMMITTING)
-        # The writes share one fate: any one's journal row tells a lost COMMIT's outcome.
-        probe = next((r.idempotency_key for r, _ in ran if r.idempotency_key is not None), None)
-        outcome, error = await txn.commit(probe)
-        error = txn.explain(outcome, error)
+        # The writes share one fate: a journal row one of them inserted tells a lost
+        # COMMIT's outcome (a duplicate's row is an earlier transaction's).
+        shared, shared_error = await txn.commit(own_row(r for r, _ in ran))
+        shared_error = txn.explain(shared, shared_error)
         retry: float | None = None
         for record, result in ran:
+            outcome, error = own_outcome(record, shared, shared_error)
             delay = retry_delay(self._rt, record, outcome, error)
             if delay is not None:  # a transient failure at COMMIT: it runs again
                 record.move(State.RETRY_WAIT)

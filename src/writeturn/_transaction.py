@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import exc as sa_exc
@@ -55,7 +55,7 @@ from .errors import (
 from .outcome import Outcome
 from .urls import describe_error, redact
 
-__all__ = ["Transaction", "call_function", "retry_delay"]
+__all__ = ["Transaction", "JournalRow", "call_function", "own_outcome", "own_row", "retry_delay"]
 
 log = logging.getLogger("writeturn")
 
@@ -349,8 +349,13 @@ class Transaction:
         if session is not None and (session.new or session.dirty or session.deleted):
             await self.call(AsyncSession.flush(session))
 
-    async def commit(self, idempotency_key: str | None) -> tuple[Outcome, BaseException | None]:
+    async def commit(self, own_row: JournalRow | None) -> tuple[Outcome, BaseException | None]:
         """COMMIT, and learn its outcome: what the database did, never a guess.
+
+        ``own_row`` is a journal row this transaction inserted (see :func:`own_row`):
+        if the connection dies during COMMIT and the transaction id cannot tell,
+        whether that row exists tells. A row some other transaction wrote (a
+        duplicate's) tells nothing about this one and is never asked.
 
         On Postgres a statement that failed inside the write aborts the whole
         transaction, even if the function caught the error, and COMMIT then
@@ -366,7 +371,7 @@ class Transaction:
             await self.call(conn.commit(), interruptible=False)
         except Exception as exc:
             try:
-                return await self._commit_failed(exc, idempotency_key)
+                return await self._commit_failed(exc, own_row)
             finally:
                 self.began = False
         self.began = False
@@ -396,7 +401,7 @@ class Transaction:
         return None
 
     async def _commit_failed(
-        self, exc: Exception, idempotency_key: str | None
+        self, exc: Exception, own_row: JournalRow | None
     ) -> tuple[Outcome, BaseException | None]:
         conn = self._conn()
         rt = self._rt
@@ -417,10 +422,8 @@ class Transaction:
         outcome = await self.call(
             rt.dialect.commit_outcome(rt.engine, self._xid), interruptible=False
         )
-        if outcome is Outcome.UNKNOWN and idempotency_key is not None:
-            outcome = await self.call(
-                self._outcome_from_journal(idempotency_key), interruptible=False
-            )
+        if outcome is Outcome.UNKNOWN and own_row is not None:
+            outcome = await self.call(self._outcome_from_journal(own_row), interruptible=False)
         if outcome is Outcome.COMMITTED:
             log.info("writeturn: COMMIT on key %r lost its connection but had landed", self._key)
             return outcome, None
@@ -434,19 +437,26 @@ class Transaction:
         err.__cause__ = exc
         return Outcome.UNKNOWN, err
 
-    async def _outcome_from_journal(self, idempotency_key: str) -> Outcome:
-        """Learn whether the write landed from its journal row, on a new connection.
+    async def _outcome_from_journal(self, own_row: JournalRow) -> Outcome:
+        """Learn whether the transaction landed from a journal row it inserted, on a new
+        connection: committed iff the idempotency key's row is there with that row's seq.
 
         The probe runs under the key's lock (SQLite: BEGIN IMMEDIATE) and waits
         for any transaction still holding the idempotency key, so a COMMIT
         that is still finishing on the server is not misread as lost.
         """
         rt = self._rt
+        idempotency_key, seq = own_row
         try:
             async with rt.engine.connect() as conn:
+                if rt.dialect.probe_isolation is not None:
+                    # A fresh snapshot for each statement: the row it waited for is seen.
+                    await conn.execution_options(isolation_level=rt.dialect.probe_isolation)
                 try:
                     await rt.dialect.begin(conn, self._key)
-                    committed = await journal.probe(conn, rt.options.namespace, idempotency_key)
+                    committed = await journal.probe(
+                        conn, rt.options.namespace, idempotency_key, seq
+                    )
                     await conn.rollback()
                 finally:
                     if not conn.invalidated:
@@ -589,6 +599,37 @@ class _SessionGate:
         return await self._txn.call(coro, interruptible=interruptible)
 
 
+#: A journal row a transaction inserted: (idempotency key, seq).
+JournalRow = tuple[str, int]
+
+
+def own_row(records: Iterable[WriteRecord]) -> JournalRow | None:
+    """A journal row the transaction of ``records`` inserted, to learn its outcome by.
+
+    Only a write that is not a duplicate inserted one; a duplicate's row was
+    committed by an earlier transaction and says nothing about this one. The
+    writes of one transaction share its fate, so any one such row will do.
+    """
+    for record in records:
+        if record.idempotency_key is not None and record.seq is not None and not record.duplicate:
+            return record.idempotency_key, record.seq
+    return None
+
+
+def own_outcome(
+    record: WriteRecord, outcome: Outcome, error: BaseException | None
+) -> tuple[Outcome, BaseException | None]:
+    """The outcome of ``record`` itself, given its transaction's.
+
+    A duplicate ran nothing: its transaction found the row of the earlier write
+    with its idempotency key, already committed, so it is COMMITTED whatever
+    became of the transaction that looked.
+    """
+    if record.duplicate and outcome is not Outcome.COMMITTED:
+        return Outcome.COMMITTED, None
+    return outcome, error
+
+
 async def call_function(record: WriteRecord, session: WriteSession) -> Any:
     """Run the write's function on ``session`` (None for a duplicate: it ran once already)."""
     if record.duplicate:
@@ -619,10 +660,14 @@ def retry_delay(
         or record.fn is None
         or record.stop is not None
         or record.attempts >= record.retries
-        or record.state not in (State.ROLLING_BACK, State.COMMITTING)  # it never began
     ):
         return None
-    if outcome is Outcome.UNKNOWN:
+    if record.state not in (State.ROLLING_BACK, State.COMMITTING):
+        # It did not begin: only a database that could not be reached is worth
+        # another try (a retry after a COMMIT whose fate was unknown meets it).
+        if not isinstance(error, DatabaseUnreachable):
+            return None
+    elif outcome is Outcome.UNKNOWN:
         if record.idempotency_key is None:
             return None
     elif outcome is not Outcome.ROLLED_BACK or not rt.dialect.is_transient(_root(error)):

@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 from ._guard import GuardedTask
 from ._runtime import GATE_KEY, HELD, Runtime
 from ._session import WriteSession
-from ._transaction import Transaction, call_function, retry_delay
+from ._transaction import Transaction, call_function, own_outcome, own_row, retry_delay
 from ._write import State, Stop, WriteRecord
-from .errors import ConfigurationError
+from .errors import ConfigurationError, OutcomeUnknown
 from .outcome import Outcome
 
 __all__ = ["SingleRun", "TransactionContext"]
@@ -28,12 +28,35 @@ _PASS_THROUGH = (KeyboardInterrupt, SystemExit)  # settled, then re-raised to th
 
 
 class _Ending:
-    __slots__ = ("outcome", "result", "error")
+    """How one attempt ended. ``journaled``: the attempt recorded the write in the
+    journal, which tells whether an earlier attempt committed (its idempotency key's
+    row would have been there: the attempt would be a duplicate)."""
+
+    __slots__ = ("outcome", "result", "error", "journaled")
 
     def __init__(
-        self, outcome: Outcome, result: Any = None, error: BaseException | None = None
+        self,
+        outcome: Outcome,
+        result: Any = None,
+        error: BaseException | None = None,
+        *,
+        journaled: bool = False,
     ) -> None:
         self.outcome, self.result, self.error = outcome, result, error
+        self.journaled = journaled
+
+
+def _still_unknown(key: str, unknown: BaseException | None, last: _Ending) -> _Ending:
+    """An earlier attempt's COMMIT may have landed and no later attempt could tell."""
+    err = OutcomeUnknown(
+        f"the write on key {key!r} may have committed: an earlier attempt's COMMIT was cut "
+        "off and its fate could not be learned, and no retry could tell (the last one "
+        f"ended {last.outcome.value}: {type(last.error).__name__}). Check the database, or "
+        "submit it again with the same idempotency key, which applies it at most once"
+    )
+    err.__cause__ = last.error
+    err.__context__ = unknown
+    return _Ending(Outcome.UNKNOWN, None, err)
 
 
 class SingleRun:
@@ -70,16 +93,28 @@ class SingleRun:
             if rt.gate is not None:
                 await rt.gate.acquire(GATE_KEY)  # a stop here withdraws from the gate's line
                 self._gate_held = True
+            # An earlier attempt whose COMMIT's fate is unknown: until a later attempt's
+            # journal row tells (a retry after UNKNOWN has an idempotency key), the
+            # write may have committed, whatever became of the later attempts.
+            unknown: _Ending | None = None
             while True:
                 ending = await self._attempt()
+                if ending.outcome is Outcome.UNKNOWN:
+                    unknown = ending
+                elif ending.journaled:
+                    unknown = None
                 delay = retry_delay(rt, record, ending.outcome, ending.error)
                 if delay is None:
                     break
-                record.move(State.RETRY_WAIT)
+                if record.state in (State.ROLLING_BACK, State.COMMITTING):
+                    record.move(State.RETRY_WAIT)  # else it never began: no move to make
                 try:
                     await asyncio.sleep(delay)  # keeps the turn: the write keeps its place
                 except asyncio.CancelledError:
                     break  # stopped while waiting: it ends as the last attempt did
+            if unknown is not None and ending.outcome is not Outcome.COMMITTED:
+                if ending is not unknown:
+                    ending = _still_unknown(record.key, unknown.error, ending)
         except BaseException as exc:  # stopped before it began, or the gate's wait failed
             ending = _Ending(record.unbegun_outcome, None, exc)
         self._end(ending)
@@ -89,6 +124,7 @@ class SingleRun:
     async def _attempt(self) -> _Ending:
         rt, record = self._rt, self._record
         txn = self._txn = Transaction(rt, record.key, owns_task=True)
+        journaled = False
         try:
             if record.stop is not None:
                 raise asyncio.CancelledError  # stopped while it waited for the gate
@@ -96,6 +132,7 @@ class SingleRun:
             record.move(State.RUNNING)
             await txn.begin(record.deadline)
             await txn.record_journal(record)
+            journaled = record.idempotency_key is not None
             result = await call_function(record, txn.session())
             await txn.flush()
             if txn.stopped:
@@ -108,7 +145,7 @@ class SingleRun:
             await txn.rollback()
             error = txn.explain(Outcome.ROLLED_BACK, exc)
             await txn.finish()
-            return _Ending(Outcome.ROLLED_BACK, None, error)
+            return _Ending(Outcome.ROLLED_BACK, None, error, journaled=journaled)
         record.move(State.COMMITTING)
         if (
             rt.dialect.lock_orders_next
@@ -123,10 +160,11 @@ class SingleRun:
             # could meet the pool's timeout).
             assert rt.gate is None
             record.release_turn()
-        outcome, error = await txn.commit(record.idempotency_key)
-        error = txn.explain(outcome, error)
+        outcome, error = await txn.commit(own_row((record,)))
+        outcome, error = own_outcome(record, outcome, txn.explain(outcome, error))
         await txn.finish()
-        return _Ending(outcome, result if outcome is Outcome.COMMITTED else None, error)
+        committed = outcome is Outcome.COMMITTED
+        return _Ending(outcome, result if committed else None, error, journaled=journaled)
 
     def _end(self, ending: _Ending) -> None:
         rt, record = self._rt, self._record
@@ -303,7 +341,7 @@ class TransactionContext:
                 exc = flush_error
         if exc is None and not txn.stopped and record.stop is None:
             record.move(State.COMMITTING)
-            outcome, error = await txn.commit(record.idempotency_key)
+            outcome, error = await txn.commit(own_row((record,)))
             error = txn.explain(outcome, error)
         else:
             record.move(State.ROLLING_BACK)

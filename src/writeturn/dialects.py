@@ -87,6 +87,8 @@ class Dialect:
     #: True when a failed statement aborts the whole transaction (Postgres): a
     #: function that caught the error must not be reported as committed.
     aborts_on_error: bool = False
+    #: The isolation level a journal probe runs at (None: the engine's).
+    probe_isolation: str | None = None
 
     @property
     def lock_orders_next(self) -> bool:
@@ -337,6 +339,7 @@ class PostgresDialect(Dialect):
 
     name = "postgresql"
     aborts_on_error = True
+    probe_isolation = "READ COMMITTED"
 
     @property
     def lock_orders_next(self) -> bool:
@@ -543,13 +546,22 @@ class PostgresDialect(Dialect):
             return Outcome.UNKNOWN
         # The backend of the lost connection may still be finishing: poll
         # until Postgres has decided (a few seconds at most).
+        failures = 0
         for _ in range(50):
             try:
                 async with engine.connect() as conn:
                     status = (await conn.execute(self._STATUS, {"xid": xid})).scalar()
                     await conn.rollback()
             except Exception as exc:  # the server may be restarting: ask again
-                log.warning("writeturn: could not learn the outcome of xid %s: %s", xid, exc)
+                failures += 1
+                # Said once per COMMIT, not at every poll; the caller reports the end.
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "writeturn: could not learn the outcome of xid %s (%s); asking again "
+                    "for a few seconds",
+                    xid,
+                    exc,
+                )
                 await asyncio.sleep(0.1)
                 continue
             if status == "committed":

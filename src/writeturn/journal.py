@@ -103,13 +103,19 @@ async def lookup(conn: AsyncConnection, namespace: str, idempotency_key: str) ->
     return None if row is None else int(row[0])
 
 
-async def probe(conn: AsyncConnection, namespace: str, idempotency_key: str) -> bool:
-    """Whether a write with ``idempotency_key`` committed, waiting out one still in flight.
+async def probe(conn: AsyncConnection, namespace: str, idempotency_key: str, seq: int) -> bool:
+    """Whether the write that inserted ``idempotency_key``'s row with ``seq`` committed,
+    waiting out one still in flight.
 
-    Runs in the caller's transaction, which the caller must roll back.
+    The row's ``seq`` tells that write's row from another write's with the same
+    idempotency key (one committed after this write rolled back). Runs in the
+    caller's transaction, which the caller must roll back.
     """
     params = {"ns": namespace, "probe_key": "writeturn:probe", "ik": idempotency_key}
-    return (await conn.execute(_PROBE, params)).scalar() is None
+    if (await conn.execute(_PROBE, params)).scalar() is not None:
+        return False  # the key was free: no write with it committed
+    row = (await conn.execute(_LOOKUP, {"ns": namespace, "ik": idempotency_key})).first()
+    return row is not None and int(row[0]) == seq
 
 
 async def check_table(conn: AsyncConnection) -> None:
