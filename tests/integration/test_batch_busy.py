@@ -13,9 +13,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from writeturn import Outcome
+from writeturn import Outcome, TurnTimeout
 
 from ._db import create_tables, ledger, quietly, record, serializer
 from .test_sqlite_busy import hold_write_lock
@@ -82,3 +83,39 @@ async def test_a_batch_whose_begin_fails_without_retries_ends_as_single_writes(
     batched = await _fail_behind_lock(path, batch_max=16)
     assert all(o is not Outcome.COMMITTED for o, _ in single), single
     assert batched == single
+
+
+async def test_a_retrying_batch_still_stops_each_write_at_once(tmp_path: Path) -> None:
+    """While the batch waits for the lock and retries, a write's own timeout and a
+    cancel end that write at once (not when the BEGIN gives up); the others commit."""
+    path = tmp_path / "b.db"
+    async with (
+        asyncio.timeout(60),
+        serializer(
+            f"sqlite:///{path}", batch_max=16, retries=5, retry_backoff=0.1, sqlite_busy_timeout=1.0
+        ) as ser,
+    ):
+        await create_tables(ser.engine)
+        loop = asyncio.get_running_loop()
+        holder = await hold_write_lock(path, 2.5)
+        t0 = loop.time()
+        kept = [ser.submit(record, "k", "kept", i, key="k", timeout=30) for i in (0, 2)]
+        timed_out = ser.submit(record, "k", "timed out", 1, key="k", timeout=0.4)
+        cancelled = ser.submit(record, "k", "cancelled", 3, key="k", timeout=30)
+        with pytest.raises(TurnTimeout):
+            await timed_out
+        assert loop.time() - t0 < 0.4 + 0.5  # during the first BEGIN's 1 s busy wait
+        assert timed_out.outcome is Outcome.WITHDRAWN  # stopped before its function ran
+        await asyncio.sleep(1.5 - (loop.time() - t0))  # the second BEGIN waits now
+        assert ser.stats().retries >= 3  # the batch's BEGIN failed once and is retried
+        stopped_at = loop.time()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert loop.time() - stopped_at < 0.5
+        # As a single write stopped while waiting to run again: its first attempt rolled back.
+        assert cancelled.outcome is Outcome.ROLLED_BACK
+        assert [await h for h in kept] == [1, 2]
+        assert [h.outcome for h in kept] == [Outcome.COMMITTED] * 2
+        await asyncio.wait_for(holder.wait(), 10)
+        assert [r[2:] for r in await ledger(ser.engine)] == [("kept", 0), ("kept", 2)]
