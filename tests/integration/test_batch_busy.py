@@ -13,12 +13,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from writeturn import Outcome, TurnTimeout
+from writeturn import ConnectionLost, Outcome, TurnTimeout
+from writeturn.dialects import lock_id
 
 from ._db import create_tables, ledger, quietly, record, serializer
+from .test_connections import _asyncpg_kwargs
 from .test_sqlite_busy import hold_write_lock
 
 BUSY = 0.25  # sqlite_busy_timeout: the other process holds the lock longer than this
@@ -119,3 +122,66 @@ async def test_a_retrying_batch_still_stops_each_write_at_once(tmp_path: Path) -
         assert [h.outcome for h in kept] == [Outcome.COMMITTED] * 2
         await asyncio.wait_for(holder.wait(), 10)
         assert [r[2:] for r in await ledger(ser.engine)] == [("kept", 0), ("kept", 2)]
+
+
+# A session of this test's database waiting for an advisory lock (the server is shared).
+WAITING_FOR_THE_LOCK = (
+    "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+    "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
+)
+
+
+async def _begin_cut_twice(pg_url: str, batch_max: int, retries: int) -> list[tuple[Outcome, Any]]:
+    """Postgres, advisory mode: another session holds the key's lock, and the
+    connection whose BEGIN waits for it is terminated twice (BEGIN replaces a
+    dead connection once, so the second cut fails the BEGIN); then the lock is
+    let go. Returns each write's (outcome, exception type or None)."""
+    async with (
+        asyncio.timeout(60),
+        serializer(pg_url, coordination="advisory", batch_max=batch_max, retries=retries) as ser,
+    ):
+        other = await asyncpg.connect(**_asyncpg_kwargs(pg_url))
+        try:
+            await other.execute("SELECT pg_advisory_lock($1)", lock_id("writeturn", "k"))
+            handles = [ser.submit(record, "k", "w", i, key="k") for i in range(3)]
+            for _ in range(2):
+                pid = None
+                while pid is None:
+                    await asyncio.sleep(0.02)
+                    pid = await other.fetchval(WAITING_FOR_THE_LOCK)
+                # With a timeout, pg_terminate_backend returns once the backend is gone.
+                assert await other.fetchval(
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                    "WHERE pid = $1 AND datname = current_database()",
+                    pid,
+                )
+            await asyncio.sleep(0.3)  # the BEGIN failed; a retry waits for the lock again
+            await other.execute("SELECT pg_advisory_unlock_all()")
+            errors = [await quietly(h) for h in handles]
+        finally:
+            await other.close()
+        assert ser.stats().connections_invalidated >= 2
+        return [
+            (h.outcome, None if h.outcome is Outcome.COMMITTED else type(e))
+            for h, e in zip(handles, errors, strict=True)
+        ]
+
+
+@pytest.mark.postgres
+async def test_a_batch_whose_begin_loses_its_connection_ends_as_single_writes(
+    pg_url: str,
+) -> None:
+    async with serializer(pg_url) as ser:
+        await create_tables(ser.engine)
+    single = await _begin_cut_twice(pg_url, batch_max=1, retries=0)
+    assert single[0] == (Outcome.ROLLED_BACK, ConnectionLost), single
+    batched = await _begin_cut_twice(pg_url, batch_max=16, retries=0)
+    assert batched == [single[0]] * 3, batched
+
+
+@pytest.mark.postgres
+async def test_a_batch_whose_begin_loses_its_connection_retries(pg_url: str) -> None:
+    async with serializer(pg_url) as ser:
+        await create_tables(ser.engine)
+    batched = await _begin_cut_twice(pg_url, batch_max=16, retries=2)
+    assert batched == [(Outcome.COMMITTED, None)] * 3, batched
