@@ -10,12 +10,16 @@ and the batch runs again without it: a write function may therefore run more
 than once, and must have no effects outside the transaction that a re-run
 would repeat. A write stopped while it is not running (waiting in the batch,
 during the batch window, the BEGIN, or a retry's back-off) is settled at
-once. Once its function has returned, a write waits for the shared COMMIT
-(state RAN) and a stop is only noted, as for a single write whose COMMIT is
-under way: it commits, and a caller's cancellation is raised afterwards. The
-noted stop ends it only if the batch is rolled back for another write's sake
-before the COMMIT. The COMMIT is shared: every write of the batch gets its
-outcome, never half of them.
+once. A BEGIN that fails (another process held SQLite's lock past the busy
+timeout, a lost connection) fails the writes still pending as it fails a
+single write: each is ROLLED_BACK, or, if the error is transient and it has
+retries left, the batch runs again after the back-off. Once its function
+has returned, a write waits for the shared COMMIT (state RAN) and a stop is
+only noted, as for a single write whose COMMIT is under way: it commits,
+and a caller's cancellation is raised afterwards. The noted stop ends it
+only if the batch is rolled back for another write's sake before the
+COMMIT. The COMMIT is shared: every write of the batch gets its outcome,
+never half of them.
 
 # Invariants:
 # - the batch holds the key's turn (taken over from its first write) and
@@ -94,8 +98,8 @@ class BatchRun:
             while self._pending:
                 await self._attempt()
         except BaseException as exc:
-            # The batch could not run (no connection, a failed BEGIN, ...):
-            # every write still waiting ends with that error.
+            # The batch could not run (no connection, the gate's wait failed, a
+            # stop during BEGIN): every write still waiting ends with that error.
             if txn.began:
                 await txn.rollback()
             error = txn.explain(Outcome.ROLLED_BACK, exc)
@@ -156,7 +160,11 @@ class BatchRun:
         txn.resume()
         if not self._pending:
             return
-        await txn.begin(self._deadline())
+        try:
+            await txn.begin(self._deadline())
+        except Exception as exc:  # a stop (CancelledError) ends the batch in _run
+            await self._begin_failed(exc)
+            return
         session = txn.session()
         ran: list[tuple[WriteRecord, Any]] = []
         for record in list(self._pending):
@@ -185,6 +193,29 @@ class BatchRun:
             await self._commit(ran)
         else:  # every write was stopped while an earlier one ran
             await txn.rollback()
+
+    async def _begin_failed(self, exc: Exception) -> None:
+        """BEGIN failed (SQLite busy past its timeout, a lost connection): every write
+        still pending ends, or is retried, exactly as a single write whose BEGIN failed."""
+        txn = self._txn
+        await txn.rollback()  # a write stopped meanwhile ended at once (see stop())
+        error = txn.explain(Outcome.ROLLED_BACK, exc)
+        retry: float | None = None
+        for record in list(self._pending):
+            # A single write's BEGIN is part of its run (RUNNING): the batch's is
+            # each of its writes' too, so each rolls back and may be retried.
+            record.move(State.RUNNING)
+            record.move(State.ROLLING_BACK)
+            delay = retry_delay(self._rt, record, Outcome.ROLLED_BACK, error)
+            if delay is None:
+                self._pending.remove(record)
+                record.conclude(Outcome.ROLLED_BACK, None, error)
+                continue
+            record.move(State.RETRY_WAIT)
+            retry = delay if retry is None else max(retry, delay)
+        if retry is not None:
+            await txn.finish()  # the connection goes back while the batch waits
+            await self._back_off(retry)
 
     async def _failed(
         self, record: WriteRecord, exc: BaseException, ran: list[tuple[WriteRecord, Any]]
