@@ -493,8 +493,11 @@ class WriteSerializer:
     def observe(self, observer: Callable[[str, float], None]) -> Callable[[], None]:
         """Call ``observer(kind, seconds)`` for every wait (``"wait"``: submission to
         turn) and hold (``"hold"``: turn to settle) the serializer records, in the
-        event loop, synchronously; return a function that stops it. An observer that
-        raises is logged and never fails a write. (:mod:`writeturn.metrics` uses this.)
+        event loop, synchronously; return a function that stops it. What an observer
+        raises (``CancelledError`` included; only ``KeyboardInterrupt`` and
+        ``SystemExit`` pass) is logged and never affects a write; an observer that
+        stops itself or another while called costs no other observer that sample.
+        (:mod:`writeturn.metrics` uses this.)
         """
         observers = self._rt.counters.observers
         observers.append(observer)
