@@ -105,11 +105,14 @@ class SerializerLifespan:
         self._drain_timeout = _check_seconds("drain_timeout", drain_timeout, allow_none=False)
         self._serializer: WriteSerializer | None = None
         self._stopped = False  # a shutdown has closed a serializer
-        # Invariant: _requests == the number of requests counted by _request() that
-        # have not ended; _no_requests is set exactly when _requests == 0.
+        # Invariants: _requests == the number of requests counted by _request() that
+        # have not ended; _no_requests, while a shutdown waits on it, is set exactly
+        # when _requests == 0.
         self._requests = 0
-        self._no_requests = asyncio.Event()
-        self._no_requests.set()
+        # Made by the shutdown that waits on it, in that shutdown's event loop: an
+        # asyncio primitive binds to the first loop that waits on it, and an app may be
+        # started again on another loop (a test client per test, asyncio.run() twice).
+        self._no_requests: asyncio.Event | None = None
 
     # -- the started serializer -------------------------------------------------
 
@@ -169,8 +172,9 @@ class SerializerLifespan:
         ser = self._serializer
         if self._requests:
             log.info("shutdown: waiting for %d request(s) in flight", self._requests)
+            self._no_requests = no_requests = asyncio.Event()
             try:
-                await asyncio.wait_for(self._no_requests.wait(), self._handler_timeout)
+                await asyncio.wait_for(no_requests.wait(), self._handler_timeout)
             except TimeoutError:
                 log.warning(
                     "shutdown: %d request(s) still running after handler_timeout=%ss; "
@@ -179,6 +183,8 @@ class SerializerLifespan:
                     self._requests,
                     self._handler_timeout,
                 )
+            finally:
+                self._no_requests = None
         if ser is not None:
             try:
                 await ser.close(drain=True, timeout=self._drain_timeout)
@@ -203,13 +209,12 @@ class SerializerLifespan:
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
         self._requests += 1
-        self._no_requests.clear()
         try:
             yield
         finally:
             self._requests -= 1
             assert self._requests >= 0
-            if self._requests == 0:
+            if self._requests == 0 and self._no_requests is not None:
                 self._no_requests.set()
 
     def wrap(self, app: ASGIApp) -> ASGIApp:

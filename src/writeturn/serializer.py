@@ -7,7 +7,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar, TypeVarTuple, Unpack, overload
 
@@ -251,27 +251,37 @@ class WriteSerializer:
         _check_isolation(rt, level)
         rt.state = "started"
 
-    async def close(self, drain: bool = True, timeout: float | None = None) -> None:
+    def close(self, drain: bool = True, timeout: float | None = None) -> Coroutine[Any, Any, None]:
         """Stop accepting writes, settle the ones in flight, and dispose an owned engine.
 
-        ``drain=True`` lets queued writes run (for at most ``timeout`` seconds,
-        if given, after which the rest are stopped as with ``drain=False``).
-        ``drain=False`` withdraws queued writes (WITHDRAWN) and rolls back
-        running ones (ROLLED_BACK); both then raise :class:`SerializerClosed`.
-        A write whose COMMIT is already in flight is not cut off: it ends as
-        the database decides (guarantee 5). Idempotent, and safe to cancel: the
-        close goes on, and every later call waits for it to finish. Refused
-        (:class:`ReentrantWriteError`) inside a write of this serializer, which
-        it would wait for forever.
+        No write is accepted from the moment ``close()`` is called, before its
+        coroutine is awaited or its task runs (``submit()`` then raises
+        :class:`SerializerClosed`). ``drain=True`` lets queued writes run (for at
+        most ``timeout`` seconds, if given, after which the rest are stopped as
+        with ``drain=False``). ``drain=False`` withdraws queued writes (WITHDRAWN)
+        and rolls back running ones (ROLLED_BACK); both then raise
+        :class:`SerializerClosed`. A write whose COMMIT is already in flight is
+        not cut off: it ends as the database decides (guarantee 5). Idempotent,
+        and safe to cancel: the close goes on, and every later call waits for it
+        to finish. Refused (:class:`ReentrantWriteError`) inside a write of this
+        serializer, which it would wait for forever.
         """
+        # A plain method returning the coroutine: what is decided here happens at the
+        # call, so a write submitted between the call and its first await is refused.
         if timeout is not None:
             timeout = check_seconds("timeout", timeout, allow_zero=True)
-        held = holds_turn(self._rt, inside=True)
+        held = holds_turn(self._rt, inside=True) if _in_event_loop() else None
         if held is not None:
             raise ReentrantWriteError(
                 f"close() called inside a write on key {shown(held)} of this serializer would wait "
                 "for that write forever; close the serializer after the write, from outside it"
             )
+        rt = self._rt
+        if rt.state in ("new", "started"):
+            rt.state = "closing"  # _new_record() refuses from now on
+        return self._finish_close(drain, timeout)
+
+    async def _finish_close(self, drain: bool, timeout: float | None) -> None:
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_task(self._close(drain, timeout))
         elif not drain:
@@ -485,8 +495,11 @@ class WriteSerializer:
     def observe(self, observer: Callable[[str, float], None]) -> Callable[[], None]:
         """Call ``observer(kind, seconds)`` for every wait (``"wait"``: submission to
         turn) and hold (``"hold"``: turn to settle) the serializer records, in the
-        event loop, synchronously; return a function that stops it. An observer that
-        raises is logged and never fails a write. (:mod:`writeturn.metrics` uses this.)
+        event loop, synchronously; return a function that stops it. What an observer
+        raises (``CancelledError`` included; only ``KeyboardInterrupt`` and
+        ``SystemExit`` pass) is logged and never affects a write; an observer that
+        stops itself or another while called costs no other observer that sample.
+        (:mod:`writeturn.metrics` uses this.)
         """
         observers = self._rt.counters.observers
         observers.append(observer)
@@ -605,6 +618,14 @@ class WriteSerializer:
             BatchRun(self._rt, record)
         else:
             SingleRun(self._rt, record)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # e.g. asyncio.run(ser.close()): called before the loop runs
+        return False
+    return True
 
 
 def _number(value: object) -> bool:

@@ -74,10 +74,18 @@ class _Samples(deque[float]):
 
     def append(self, value: float) -> None:
         super().append(value)
-        for observer in self.observers:
+        # A snapshot: an observer that stops itself (or another) while called must not
+        # make the next one miss this sample.
+        for observer in tuple(self.observers):
             try:
                 observer(self.kind, value)
-            except Exception:  # an observer (metrics) must never fail a write
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:
+                # Samples are taken inside a write's state changes: whatever an observer
+                # raises (CancelledError included) must not cut one short. No uncancel():
+                # the observer is synchronous, so what it raised is its own, never a
+                # cancellation of this task, which arrives only at an await.
                 logging.getLogger("writeturn").exception("a stats observer failed")
 
 

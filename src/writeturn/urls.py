@@ -6,6 +6,7 @@ so a password never leaves the process in text.
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 from typing import Any, Literal
@@ -48,7 +49,9 @@ SUPPORTED_FORMS = (
 # user:password@ anywhere in the text (a scheme may be missing or mistyped).
 _USERINFO = re.compile(r"(?P<user>(?:^|(?<=[/\s]))[^\s/:@?#]*):(?P<secret>[^\s@/][^\s@]*|)@")
 # password=..., pass=... or pwd=... in a query string or key=value text.
-_QUERY_SECRET = re.compile(r"(?P<name>\b(?:password|passwd|pass|pwd)=)(?P<secret>[^&\s;]*)", re.I)
+_QUERY_SECRET = re.compile(
+    r"(?P<name>\b(?:sslpassword|password|passwd|pass|pwd)=)(?P<secret>[^&\s;]*)", re.I
+)
 
 
 def redact(url: str | URL) -> str:
@@ -146,6 +149,27 @@ _LIBPQ_UNMAPPED = frozenset(
 )  # fmt: skip
 
 
+# What a Postgres URL's query may hold, besides the libpq parameters in _LIBPQ_UNMAPPED
+# (refused with their own message). Mapped here onto asyncpg's arguments:
+_MAPPED = (
+    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslnegotiation", "connect_timeout",
+    "application_name", "dbname",
+)  # fmt: skip
+# Passed on as they are: SQLAlchemy reads host (several hosts: ?host=h1:5432&host=h2:5432),
+# port and prepared_statement_cache_size; asyncpg takes the others, as strings, by name.
+_PASSED_ON = (
+    "host", "port", "user", "password", "target_session_attrs", "ssl", "command_timeout",
+    "prepared_statement_cache_size",
+)  # fmt: skip
+_SSL_NEGOTIATIONS = ("postgres", "direct")
+
+
+def _where(url: URL) -> str:
+    """The URL without its query, for a message about one query parameter: another
+    parameter's value may be a secret that redact() does not know by name."""
+    return redact(url.set(query={}))
+
+
 def _one(url: URL, name: str) -> str | None:
     value = url.query.get(name)
     if value is None:
@@ -187,12 +211,16 @@ def engine_options(url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, An
     """Map libpq-style parameters of a Postgres URL onto asyncpg's connect arguments.
 
     ``sslmode`` (with ``sslrootcert``, ``sslcert``, ``sslkey``) becomes asyncpg's
-    ``ssl``, ``connect_timeout`` its ``timeout``, and ``application_name`` a server
-    setting; connections are named ``writeturn`` in ``pg_stat_activity`` unless the
-    URL or ``connect_args={"server_settings": {"application_name": ...}}`` names them.
-    Other libpq parameters raise :class:`UnsupportedDatabase` naming the parameter.
-    Returns the URL without those parameters and the engine options to use; SQLite
-    URLs come back unchanged.
+    ``ssl``, ``sslnegotiation=direct`` its ``direct_tls`` (``postgres`` is the
+    default), ``connect_timeout`` its ``timeout`` (zero or less: no limit, as in
+    libpq), ``dbname`` the database, and ``application_name`` a server setting;
+    connections are named ``writeturn`` in ``pg_stat_activity`` unless the URL or
+    ``connect_args={"server_settings": {"application_name": ...}}`` names them.
+    ``host``, ``port``, ``user``, ``password``, ``target_session_attrs``, ``ssl``,
+    ``command_timeout`` and ``prepared_statement_cache_size`` pass on as they are.
+    Any other parameter (other libpq ones, ``requirepeer``, unknown names) raises
+    :class:`UnsupportedDatabase` naming it. Returns the URL without the mapped
+    parameters and the engine options to use; SQLite URLs come back unchanged.
     """
     if backend_of(url) != "postgresql" or not isinstance(options.get("connect_args") or {}, dict):
         return url, options  # not Postgres, or connect_args of a wrong type: the engine says so
@@ -203,6 +231,30 @@ def engine_options(url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, An
                 "asyncpg does not take; drop it from the URL, and pass what asyncpg offers "
                 "instead through connect_args={...} (see asyncpg.connect)"
             )
+        if name == "requirepeer":
+            # A security check: connecting without it would be silently weaker than asked.
+            raise UnsupportedDatabase(
+                f"the database URL {_where(url)!r} has requirepeer, which asks the client to "
+                "check the operating-system user of the server process on a Unix-domain "
+                "socket; asyncpg cannot make that check, and writeturn does not connect "
+                "without it. Drop requirepeer only where the socket's directory is protected "
+                "otherwise (its permissions), or connect over TCP with sslmode=verify-full"
+            )
+        if name not in _MAPPED and name not in _PASSED_ON:
+            raise UnsupportedDatabase(
+                f"the database URL {_where(url)!r} has the query parameter {shown(name)}, "
+                "which neither libpq nor asyncpg takes in a URL (a mistyped name?); "
+                f"accepted: {', '.join(_MAPPED + _PASSED_ON)}. Drop it, or pass other "
+                "asyncpg arguments through connect_args={...} (see asyncpg.connect)"
+            )
+    dbname = _one(url, "dbname")
+    if dbname:
+        if url.database and url.database != dbname:
+            raise UnsupportedDatabase(
+                f"the database URL {_where(url)!r} names the database twice: "
+                f"{shown(url.database)} in its path and dbname={shown(dbname)}; keep one"
+            )
+        url = url.set(database=dbname)  # as libpq takes it
     connect: dict[str, Any] = {}
     mode = _one(url, "sslmode")
     if mode is not None and mode not in _SSLMODES:
@@ -215,22 +267,43 @@ def engine_options(url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, An
         connect["ssl"] = _ssl_context(url, mode, files)
     elif mode is not None:
         connect["ssl"] = mode  # asyncpg takes libpq's mode names as they are
+    negotiation = _one(url, "sslnegotiation")
+    if negotiation is not None and negotiation not in _SSL_NEGOTIATIONS:
+        raise UnsupportedDatabase(
+            f"sslnegotiation={shown(negotiation)} in {_where(url)!r} is not an SSL negotiation; "
+            "use postgres (the default: ask the server first) or direct (TLS at once, with "
+            "sslmode=require or stronger)"
+        )
+    if negotiation == "direct":
+        # As libpq: a weaker sslmode could fall back to plaintext once the server refuses
+        # direct TLS. asyncpg (0.28 and later) calls this direct_tls.
+        if mode not in ("require", "verify-ca", "verify-full"):
+            given = f"sslmode={shown(mode)}" if mode is not None else "no sslmode"
+            raise UnsupportedDatabase(
+                f"sslnegotiation=direct in {_where(url)!r} comes with {given}; direct TLS "
+                "needs sslmode=require, verify-ca or verify-full (as in libpq): add e.g. "
+                "sslmode=require, or drop sslnegotiation=direct"
+            )
+        connect["direct_tls"] = True
     timeout = _one(url, "connect_timeout")
     if timeout is not None:
         try:
-            connect["timeout"] = float(timeout)
+            seconds = float(timeout)
         except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
             raise UnsupportedDatabase(
-                f"connect_timeout={timeout!r} in {redact(url)!r} is not a number of seconds, "
-                "e.g. connect_timeout=10"
-            ) from None
+                f"connect_timeout={timeout!r} in {_where(url)!r} is not a finite number of "
+                "seconds; give one, e.g. connect_timeout=10, or connect_timeout=0 for no limit"
+            )
+        # libpq: zero or less waits without a limit. asyncpg's timeout=0 would fail every
+        # connect at once, and leaving it out would mean asyncpg's 60 seconds.
+        connect["timeout"] = seconds if seconds > 0 else None
     app_name = _one(url, "application_name")
     user_args = dict(options.get("connect_args") or {})
     settings = {"application_name": app_name or APPLICATION_NAME}
     settings.update(user_args.pop("server_settings", None) or {})
     connect["server_settings"] = settings
     connect.update(user_args)  # what the caller passed explicitly wins
-    stripped = url.difference_update_query(
-        ["sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name"]
-    )
+    stripped = url.difference_update_query(_MAPPED)
     return stripped, {**options, "connect_args": connect}

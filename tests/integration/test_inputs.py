@@ -52,6 +52,12 @@ FROM_URL_CASES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("sqlite:///x.db", {"namespace": ""}, ConfigurationError, "namespace=''"),
     ("sqlite:///x.db", {"cancel_grace": -1}, ConfigurationError, "cancel_grace=-1"),
     ("sqlite:///x.db", {"sqlite_busy_timeout": float("nan")}, ConfigurationError, "busy"),
+    # URL parameters that used to pass here and fail at start() as "unreachable".
+    (f"postgresql://u:{SECRET}@h/db?connect_timeout=nan", {}, ConfigurationError, "'nan'"),
+    (f"postgresql://u:{SECRET}@h/db?foo=bar", {}, ConfigurationError, "'foo'"),
+    (f"postgresql://u:{SECRET}@h/db?requirepeer=pg", {}, ConfigurationError, "requirepeer"),
+    (f"postgresql://u:{SECRET}@h/db?dbname=other", {}, ConfigurationError, "dbname='other'"),
+    (f"postgresql://u:{SECRET}@h/db?sslnegotiation=x", {}, ConfigurationError, "direct"),
 ]
 
 
@@ -226,3 +232,20 @@ async def test_a_failed_sqlite_connect_leaves_no_thread_running(tmp_path: Any) -
             await upgrade_async(url)
         alive = sorted(sqlite_threads_alive() - before)
         assert not alive, f"attempt {attempt}: a failed connect left {alive} running"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "query",
+    ["connect_timeout=0", "connect_timeout=-1", "dbname={db}", "sslnegotiation=postgres"],
+)
+async def test_libpq_url_parameters_connect_as_libpq_would(pg_url: str, query: str) -> None:
+    url = make_url(pg_url)
+    base = url.set(database="") if "dbname" in query else url  # dbname alone names it
+    given = f"{base.render_as_string(hide_password=False)}?{query.format(db=url.database)}"
+    async with WriteSerializer.from_url(given) as ser:
+        await create_tables(ser.engine)
+        await ser.run(record, "k", "w", 1, key="k")
+        async with ser.engine.connect() as conn:
+            name = await conn.exec_driver_sql("SELECT current_database()")
+            assert name.scalar_one() == url.database

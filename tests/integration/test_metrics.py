@@ -200,3 +200,69 @@ def test_outcome_names_match_the_outcome_enum() -> None:
 
     finished = {o.name.lower() for o in Outcome if o is not Outcome.PENDING}
     assert set(metrics._OUTCOMES) == finished
+
+
+# -- the observer hook under writeturn.metrics -------------------------------------------
+
+
+class Stopped(BaseException):
+    """Not an Exception, like CancelledError: an observer must not let it out either."""
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, Stopped, Boom])
+async def test_an_observer_that_raises_never_affects_a_write(
+    db_url: str, raised: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    def observer(kind: str, seconds: float) -> None:
+        raise raised("from an observer")
+
+    seen: list[str] = []
+    async with asyncio.timeout(30):
+        async with WriteSerializer.from_url(db_url) as ser:
+            async with ser.engine.begin() as conn:
+                await conn.execute(text("CREATE TABLE t (n INTEGER)"))
+            ser.observe(observer)
+            ser.observe(lambda kind, seconds: seen.append(kind))
+            held, release = asyncio.Event(), asyncio.Event()
+            holder = ser.submit(hold, held, release, key="k")
+            await held.wait()
+            # Queued behind the holder: one withdrawn by its timeout, three that commit.
+            late = ser.submit(insert, 0, key="k", writer="late", timeout=0.05)
+            queued = [ser.submit(insert, i, key="k", writer=f"w{i}") for i in (1, 2, 3)]
+            with pytest.raises(TimeoutError):
+                await late
+            release.set()
+            for handle in (holder, *queued):
+                await handle
+            assert late.outcome is Outcome.WITHDRAWN
+            assert [h.outcome for h in (holder, *queued)] == [Outcome.COMMITTED] * 4
+            stats = ser.stats()
+            assert (stats.committed, stats.withdrawn, stats.queued, stats.running) == (4, 1, 0, 0)
+            async with ser.engine.connect() as conn:
+                rows = (await conn.execute(text("SELECT n FROM t ORDER BY n"))).scalars()
+                assert list(rows) == [1, 2, 3]
+    # The other observer got every sample: a wait and a hold per committed write.
+    assert sorted(seen) == ["hold"] * 4 + ["wait"] * 4
+    failed = [r for r in caplog.records if r.getMessage() == "a stats observer failed"]
+    assert failed and all(r.exc_info and r.exc_info[0] is raised for r in failed)
+
+
+async def test_an_observer_that_stops_itself_costs_the_next_one_nothing(sqlite_url: str) -> None:
+    first: list[str] = []
+    second: list[str] = []
+
+    def once(kind: str, seconds: float) -> None:
+        first.append(kind)
+        stop_once()
+
+    async with WriteSerializer.from_url(sqlite_url) as ser:
+        stop_once = ser.observe(once)
+        ser.observe(lambda kind, seconds: second.append(kind))
+        await ser.run(hold, asyncio.Event(), _set(asyncio.Event()), key="k")
+    assert first == ["wait"]
+    assert second == ["wait", "hold"]
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event

@@ -36,7 +36,9 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from ._db import counter, create_tables, ledger, pg_leftovers, serializer
+from writeturn import Outcome, SerializerClosed, WriteSerializer
+
+from ._db import counter, create_tables, ledger, pg_leftovers, quietly, serializer
 
 WORKER = Path(__file__).with_name("_shutdown_worker.py")
 KEYS = ("k0", "k1")  # the worker's keys: k0 .. k{KEYS - 1}
@@ -201,3 +203,40 @@ async def test_sigterm_and_close_lose_nothing_reported_committed(
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         finally:
             db.close()
+
+
+# -- close() itself: no write is accepted once it has been called ----------------------
+
+
+async def _nothing(session: Any) -> int:
+    return 1
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_close_refuses_writes_from_the_moment_it_is_called(db_url: str, drain: bool) -> None:
+    ser = WriteSerializer.from_url(db_url)
+    await ser.start()
+    before = ser.submit(_nothing, key="k")  # accepted before close(): drained or stopped
+    closing = asyncio.create_task(ser.close(drain=drain))
+    # The close's task has not run yet, and already nothing more is accepted.
+    with pytest.raises(SerializerClosed, match="closing"):
+        ser.submit(_nothing, key="k")
+    await asyncio.sleep(0)  # the task has started; its close task has not
+    with pytest.raises(SerializerClosed, match="closing"):
+        ser.submit(_nothing, key="k")
+    with pytest.raises(SerializerClosed, match="closing"):
+        ser.transaction(key="k")
+    await closing
+    assert (await quietly(before)) == 1 if drain else before.outcome is Outcome.WITHDRAWN
+    with pytest.raises(SerializerClosed, match="closed"):
+        ser.submit(_nothing, key="k")
+
+
+async def test_a_close_not_yet_awaited_already_refuses_writes(sqlite_url: str) -> None:
+    ser = WriteSerializer.from_url(sqlite_url)
+    await ser.start()
+    closing = ser.close()
+    with pytest.raises(SerializerClosed, match="closing"):
+        ser.submit(_nothing, key="k")
+    await closing
+    assert " closed " in repr(ser)

@@ -301,3 +301,97 @@ def test_libpq_parameters_asyncpg_lacks_are_named_with_the_fix(
     for name in names:
         assert name in message, message
     assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    ("given", "timeout"), [("0", None), ("-1", None), ("-0.5", None), ("2.5", 2.5)]
+)
+def test_a_connect_timeout_of_zero_or_less_means_no_limit_as_in_libpq(
+    given: str, timeout: float | None
+) -> None:
+    url, options = _options(f"postgresql://u:{SECRET}@db/app?connect_timeout={given}")
+    connect = options["connect_args"]
+    assert isinstance(connect, dict)
+    assert "timeout" in connect and connect["timeout"] == timeout
+    assert "connect_timeout" not in url.query
+
+
+@pytest.mark.parametrize("given", ["nan", "NaN", "inf", "-inf", "1e999", "soon"])
+def test_a_connect_timeout_that_is_not_a_finite_number_is_refused(given: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _options(f"postgresql://u:{SECRET}@db/app?connect_timeout={given}")
+    message = str(caught.value)
+    assert f"connect_timeout={given!r}" in message and "connect_timeout=0" in message, message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        f"postgresql://u:{SECRET}@db?dbname=app",
+        f"postgresql://u:{SECRET}@db/?dbname=app",
+        f"postgresql://u:{SECRET}@db/app?dbname=app",
+    ],
+)
+def test_dbname_names_the_database_as_in_libpq(given: str) -> None:
+    url, _ = _options(given)
+    assert url.database == "app" and "dbname" not in url.query
+    assert url.password == SECRET
+
+
+def test_a_dbname_that_contradicts_the_path_is_refused() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _options(f"postgresql://u:{SECRET}@db/app?dbname=other")
+    message = str(caught.value)
+    assert "'app'" in message and "dbname='other'" in message, message
+    assert SECRET not in message
+
+
+def test_sslnegotiation_postgres_is_the_default_and_direct_is_direct_tls() -> None:
+    url, options = _options("postgresql://u@db/app?sslnegotiation=postgres")
+    connect = options["connect_args"]
+    assert isinstance(connect, dict) and "direct_tls" not in connect
+    assert "sslnegotiation" not in url.query
+    for mode in ("require", "verify-ca", "verify-full"):
+        url, options = _options(f"postgresql://u@db/app?sslnegotiation=direct&sslmode={mode}")
+        connect = options["connect_args"]
+        assert isinstance(connect, dict)
+        assert connect["direct_tls"] is True and connect["ssl"] == mode
+        assert dict(url.query) == {}
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [
+        ("sslnegotiation=direct", ["sslnegotiation=direct", "sslmode=require"]),
+        ("sslnegotiation=direct&sslmode=prefer", ["sslmode='prefer'", "sslmode=require"]),
+        ("sslnegotiation=sometimes", ["sslnegotiation='sometimes'", "direct"]),
+        ("requirepeer=postgres", ["requirepeer", "asyncpg cannot"]),
+        ("foo=bar", ["'foo'", "sslmode", "connect_args"]),
+        (f"token={SECRET}", ["'token'"]),
+        (f"sslpassword={SECRET}", ["sslpassword"]),
+    ],
+)
+def test_url_parameters_asyncpg_cannot_honour_are_refused_with_the_fix(
+    query: str, names: list[str]
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _options(f"postgresql://u:{SECRET}@db/app?{query}")
+    message = str(caught.value)
+    for name in names:
+        assert name in message, message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "target_session_attrs=read-write",
+        "prepared_statement_cache_size=0",
+        "command_timeout=30",
+        "host=h1:5432&host=h2:5432",
+    ],
+)
+def test_parameters_sqlalchemy_and_asyncpg_take_from_a_url_pass(query: str) -> None:
+    url, _ = _options(f"postgresql://u@/app?{query}")
+    assert set(url.query) == {query.split("=")[0]}
