@@ -249,6 +249,8 @@ class WriteSerializer:
         if pooled and not rt.options.pgbouncer:
             raise ConfigurationError(_pooler_hint(rt.engine.url, "its session ids differ"))
         _check_isolation(rt, level)
+        if rt.state != "new":  # close() was called while start() connected
+            raise SerializerClosed("this WriteSerializer was closed while it started")
         rt.state = "started"
 
     def close(self, drain: bool = True, timeout: float | None = None) -> Coroutine[Any, Any, None]:

@@ -240,3 +240,16 @@ async def test_a_close_not_yet_awaited_already_refuses_writes(sqlite_url: str) -
         ser.submit(_nothing, key="k")
     await closing
     assert " closed " in repr(ser)
+
+
+async def test_close_called_while_start_connects_wins(db_url: str) -> None:
+    """close() during start()'s connection: start() must not reopen the serializer."""
+    ser = WriteSerializer.from_url(db_url)
+    starting = asyncio.ensure_future(ser.start())
+    await asyncio.sleep(0)  # start() is connecting
+    closing = ser.close()
+    with pytest.raises(SerializerClosed):
+        await starting
+    await closing
+    with pytest.raises(SerializerClosed):
+        ser.submit(_nothing, key="k")
