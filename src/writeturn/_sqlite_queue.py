@@ -12,10 +12,15 @@ behind everyone already waiting, and the processes alternate.
 
 The files, next to the database (like the migration lock):
 
-* ``<database>.writeturn-queue``: a page shared by every participant through
-  ``mmap``: a ticket counter and one ticket per slot (0: not waiting). The
-  counter is advanced under an exclusive ``flock`` on this file, held for a
-  few microseconds; the tickets are read without a lock.
+* ``<database>.writeturn-queue``: a page every participant reads and writes
+  with ``pread``/``pwrite`` (never a mapping: a file truncated under a
+  mapping is SIGBUS at the next touch): a ticket counter and one ticket per
+  slot (0: not waiting). The counter is advanced under an exclusive
+  ``flock`` on this file, held for a few microseconds; the tickets are read
+  without a lock. A file truncated or zeroed by someone else (a clean-up
+  script, a log rotation) reads as zeros: the tickets it held are lost for
+  that turn, and the next ``join`` rebuilds the header under the flock, its
+  counter past every ticket still in line.
 * ``<database>.writeturn-queue.<slot>``: slot ``<slot>``'s file. Its owner
   (one serializer) holds an exclusive ``flock`` on it for as long as it lives.
   The kernel drops that lock when the process dies, however it dies, so a
@@ -42,7 +47,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import mmap
 import os
 import sqlite3
 import struct
@@ -61,8 +65,9 @@ SLOTS = 64
 _MAGIC = b"wtqueue1"
 _HEADER = struct.Struct("<8sqq")
 _TICKET = struct.Struct("<q")
+_PAGE = _HEADER.size + SLOTS * _TICKET.size  # what is read: the header and every ticket
 _SIZE = 4096
-assert _HEADER.size + SLOTS * _TICKET.size <= _SIZE
+assert _PAGE <= _SIZE
 
 # Polling while earlier tickets wait: fast at first (a turn on SQLite lasts
 # about a millisecond), slower while the line does not move.
@@ -87,11 +92,11 @@ class TicketQueue:
     __slots__ = (
         "path",
         "_fd",
-        "_page",
         "_slot",
         "_others",
         "_fds",
         "_closer",
+        "_last",
         "ticket",
         "__weakref__",
     )
@@ -105,19 +110,15 @@ class TicketQueue:
         import fcntl  # POSIX only; the dialect runs without the queue where this fails
 
         self.path = queue_path(Path(database).resolve())
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = _open(self.path)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)  # once, at creation: microseconds
             try:
-                if os.fstat(self._fd).st_size < _SIZE:
-                    os.ftruncate(self._fd, _SIZE)
-                self._page = mmap.mmap(self._fd, _SIZE)
-                magic, _, _ = _HEADER.unpack_from(self._page, 0)
-                if magic == bytes(8):
-                    _HEADER.pack_into(self._page, 0, _MAGIC, 0, 0)
-                elif magic != _MAGIC:
-                    self._page.close()
+                magic, _, _ = _HEADER.unpack_from(_read(self._fd), 0)
+                if magic not in (_MAGIC, bytes(8)):
                     raise OSError(errno.EINVAL, f"{self.path} is not a writeturn queue file")
+                if magic != _MAGIC or os.fstat(self._fd).st_size < _SIZE:
+                    _rebuild(self._fd)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except BaseException:
@@ -127,7 +128,8 @@ class TicketQueue:
         self._others: dict[int, int] = {}  # slot -> our descriptor of its file (liveness checks)
         # Every descriptor we opened: closing our slot's drops its flock (the slot is free).
         self._fds = [self._fd]
-        self._closer = weakref.finalize(self, _close, self._page, self._fds)
+        self._closer = weakref.finalize(self, _close, self._fds)
+        self._last = 0  # our latest ticket: a rebuilt counter starts past it
         #: Our ticket while we wait (0: none).
         self.ticket = 0
 
@@ -154,14 +156,28 @@ class TicketQueue:
         except BlockingIOError:
             return False
         try:
+            page = _read(self._fd)
+            magic, counter, used = _HEADER.unpack_from(page, 0)
+            if magic not in (_MAGIC, bytes(8)):
+                raise OSError(errno.EINVAL, f"{self.path} is not a writeturn queue file")
+            if magic != _MAGIC or os.fstat(self._fd).st_size < _SIZE:
+                # Truncated or zeroed under us (a clean-up script, a rotation): the
+                # tickets it held are gone; the line goes on from what is left.
+                log.warning("writeturn: %s was truncated or zeroed; rebuilt it", self.path)
+                _rebuild(self._fd)
+                page = _read(self._fd)
+                magic, counter, used = _HEADER.unpack_from(page, 0)
             if self._slot is None:
                 self._claim_slot()
             assert self._slot is not None
-            magic, counter, used = _HEADER.unpack_from(self._page, 0)
-            counter += 1
-            _HEADER.pack_into(self._page, 0, magic, counter, used)
-            _TICKET.pack_into(self._page, _slot_offset(self._slot), counter)
-            self.ticket = counter
+            tickets = _tickets(page)
+            # Past every ticket in line and our own last one: a rebuilt counter
+            # does not put a newcomer before those already waiting.
+            counter = max(counter, self._last, *tickets) + 1
+            used = max(used, self._slot + 1)
+            os.pwrite(self._fd, _HEADER.pack(_MAGIC, counter, used), 0)
+            os.pwrite(self._fd, _TICKET.pack(counter), _slot_offset(self._slot))
+            self.ticket = self._last = counter
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         return True
@@ -169,8 +185,9 @@ class TicketQueue:
     def ahead(self) -> list[tuple[int, int]]:
         """The live tickets before ours, as (ticket, slot), earliest first."""
         mine = self.ticket
-        used = min(_HEADER.unpack_from(self._page, 0)[2], SLOTS)
-        tickets = struct.unpack_from(f"<{used}q", self._page, _HEADER.size)
+        page = _read(self._fd)
+        used = min(_HEADER.unpack_from(page, 0)[2], SLOTS)
+        tickets = _tickets(page)[: max(used, 0)]
         earlier = [
             (t, slot)
             for slot, t in enumerate(tickets)
@@ -195,9 +212,9 @@ class TicketQueue:
         return not self.ahead()
 
     def leave(self) -> None:
-        """Give the ticket back (one store into our own slot)."""
+        """Give the ticket back (one write into our own slot)."""
         if self.ticket and self._slot is not None:
-            _TICKET.pack_into(self._page, _slot_offset(self._slot), 0)
+            os.pwrite(self._fd, _TICKET.pack(0), _slot_offset(self._slot))
         self.ticket = 0
 
     # -- slots ----------------------------------------------------------------------------
@@ -207,16 +224,14 @@ class TicketQueue:
         import fcntl
 
         for slot in range(SLOTS):
-            fd = os.open(f"{self.path}.{slot}", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open(Path(f"{self.path}.{slot}"))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
             # A ticket left by the slot's dead owner is void.
-            _TICKET.pack_into(self._page, _slot_offset(slot), 0)
-            magic, counter, used = _HEADER.unpack_from(self._page, 0)
-            _HEADER.pack_into(self._page, 0, magic, counter, max(used, slot + 1))
+            os.pwrite(self._fd, _TICKET.pack(0), _slot_offset(slot))
             self._slot = slot
             self._fds.append(fd)
             return
@@ -229,7 +244,7 @@ class TicketQueue:
         fd = self._others.get(slot)
         if fd is None:
             try:
-                fd = os.open(f"{self.path}.{slot}", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open(Path(f"{self.path}.{slot}"))
             except OSError:
                 return True  # cannot tell: assume it lives (patience bounds the wait)
             self._others[slot] = fd
@@ -239,18 +254,43 @@ class TicketQueue:
         except BlockingIOError:
             return True
         try:
-            _TICKET.pack_into(self._page, _slot_offset(slot), 0)
+            os.pwrite(self._fd, _TICKET.pack(0), _slot_offset(slot))
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return False
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _read(fd: int) -> bytes:
+    """The header and the tickets, in one read; a short file reads as zeros past its end.
+
+    Never a mapping: a file truncated under a mapping is SIGBUS at the next touch.
+    """
+    return os.pread(fd, _PAGE, 0).ljust(_PAGE, b"\0")
+
+
+def _tickets(page: bytes) -> tuple[int, ...]:
+    return struct.unpack_from(f"<{SLOTS}q", page, _HEADER.size)
+
+
+def _rebuild(fd: int) -> None:
+    """Give a new, truncated or zeroed queue file its size and header (under its flock)."""
+    if os.fstat(fd).st_size < _SIZE:
+        os.ftruncate(fd, _SIZE)
+    page = _read(fd)
+    magic, _, _ = _HEADER.unpack_from(page, 0)
+    if magic != _MAGIC:
+        os.pwrite(fd, _HEADER.pack(_MAGIC, max(0, *_tickets(page)), SLOTS), 0)
 
 
 def _slot_offset(slot: int) -> int:
     return _HEADER.size + slot * _TICKET.size
 
 
-def _close(page: mmap.mmap, fds: list[int]) -> None:
-    page.close()
+def _close(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -1,0 +1,155 @@
+"""SQLite's line across processes is an aid, never a hazard.
+
+Whatever happens to the line's files (truncated, zeroed, a counter gone
+wrong, replaced by something else), every process goes on writing; a
+process that dies, even one whose forked child lives on, gives its place
+up; a frozen process costs the others one patience, once. These tests run
+real processes on a real SQLite file and read what they committed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import text
+
+from writeturn._sqlite_queue import SLOTS, queue_path
+
+from ._db import serializer
+from ._line_worker import LINE_DDL, insert
+
+WORKER = Path(__file__).with_name("_line_worker.py")
+
+# The queue file's layout: magic, counter, slots in use, then one ticket per slot.
+HEADER = struct.Struct("<8sqq")
+
+
+def tickets(path: Path) -> list[int]:
+    """The tickets in the queue file of the database ``path``, slot by slot."""
+    data = queue_path(path).read_bytes().ljust(HEADER.size + 8 * SLOTS, b"\0")
+    return list(struct.unpack_from(f"<{SLOTS}q", data, HEADER.size))
+
+
+async def create_table(url: str) -> None:
+    async with serializer(url) as ser, ser.engine.begin() as conn:
+        await conn.exec_driver_sql(LINE_DDL)
+
+
+async def committed(url: str) -> dict[int, list[int]]:
+    """pid -> the numbers it committed, in commit order; the file must be intact."""
+    async with serializer(url) as ser, ser.engine.connect() as conn:
+        check = await conn.exec_driver_sql("PRAGMA integrity_check")
+        assert check.fetchall() == [("ok",)]
+        rows = (await conn.execute(text("SELECT pid, n FROM line ORDER BY id"))).all()
+        await conn.rollback()
+    by_pid: dict[int, list[int]] = {}
+    for pid, n in rows:
+        by_pid.setdefault(pid, []).append(n)
+    return by_pid
+
+
+def wait_until(condition: Callable[[], bool], limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.01)
+
+
+def wait_for_files(tmp_path: Path, pattern: str, count: int, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while len(list(tmp_path.glob(pattern))) < count:
+        assert time.monotonic() < deadline, f"no {count} files {pattern} in time"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a process that ended but was not reaped yet does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def end(pid: int) -> None:
+    """Wake ``pid`` if it is frozen, then kill it (gone already is fine)."""
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+# -- 1. the queue file is truncated or zeroed while processes write ---------------------
+
+PROCESSES, WRITES = 3, 120
+
+
+async def test_truncating_the_queue_file_while_processes_write(tmp_path: Path) -> None:
+    """A clean-up script or a log rotation empties the queue file under the writers.
+
+    Before, every writer touched a memory-mapped page past the end of the file
+    and died of SIGBUS. Now the file is rebuilt and the writers go on."""
+    path = tmp_path / "t.db"
+    url = f"sqlite:///{path}"
+    await create_table(url)
+    barrier = tmp_path / "go"
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER),
+            "write",
+            url,
+            str(WRITES),
+            str(barrier),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(PROCESSES)
+    ]
+    rng = random.Random(20261207)
+    cuts = 0
+    try:
+        await asyncio.to_thread(wait_for_files, tmp_path, "go.ready.*", PROCESSES)
+        barrier.touch()
+        outputs = [asyncio.ensure_future(p.communicate()) for p in procs]
+        file = queue_path(path)
+        async with asyncio.timeout(120):
+            while not all(o.done() for o in outputs):
+                if rng.random() < 0.5:
+                    os.truncate(file, 0)  # what `> file` or a rotation does
+                else:
+                    fd = os.open(file, os.O_WRONLY)
+                    try:
+                        os.pwrite(fd, bytes(4096), 0)  # zeroed in place
+                    finally:
+                        os.close(fd)
+                cuts += 1
+                await asyncio.sleep(rng.uniform(0.001, 0.01))
+            results = [await o for o in outputs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                end(p.pid)
+                await p.wait()
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, f"a writer ended with {p.returncode}: {err.decode()[-2000:]}"
+        assert json.loads(out.decode().splitlines()[-1])["committed"] == WRITES
+    print(f"\nthe queue file was truncated or zeroed {cuts} times under {PROCESSES} writers")
+    assert cuts >= 10
+    by_pid = await committed(url)
+    assert sorted(by_pid) == sorted(p.pid for p in procs)
+    assert all(ns == [-1, *range(WRITES)] for ns in by_pid.values()), by_pid
+    # The next write rebuilds the file, and the line goes on.
+    async with serializer(url, coordination="advisory") as ser:
+        await ser.run(insert, WRITES)
+    assert queue_path(path).read_bytes()[:8] == b"wtqueue1"
