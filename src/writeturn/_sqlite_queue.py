@@ -129,6 +129,7 @@ class TicketQueue:
         # Every descriptor we opened: closing our slot's drops its flock (the slot is free).
         self._fds = [self._fd]
         self._closer = weakref.finalize(self, _close, self._fds)
+        _OPEN.add(self)
         self._last = 0  # our latest ticket: a rebuilt counter starts past it
         #: Our ticket while we wait (0: none).
         self.ticket = 0
@@ -139,7 +140,22 @@ class TicketQueue:
     def close(self) -> None:
         """Leave for good: the slot becomes free for another participant."""
         self.leave()
+        self._forget()  # no descriptor number kept that the process may reuse for another file
         self._closer()
+
+    def _forget(self) -> None:
+        """In a forked child: let go of the parent's descriptors, and with them its place.
+
+        ``flock`` belongs to the open file description, which ``fork`` shares:
+        a child that kept the parent's slot descriptor would keep the parent's
+        place (and ticket) alive after the parent died. The child's first
+        ``join`` opens the files again and takes a slot of its own.
+        """
+        _close(self._fds)
+        self._fd = -1
+        self._slot = None
+        self._others = {}
+        self.ticket = 0
 
     # -- the steps ----------------------------------------------------------------------
 
@@ -151,6 +167,9 @@ class TicketQueue:
         import fcntl
 
         assert self.ticket == 0, "a participant holds one ticket at a time"
+        if self._fd < 0:  # forked: this process's own place, opened at its first write
+            self._fd = _open(self.path)
+            self._fds.append(self._fd)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -185,6 +204,8 @@ class TicketQueue:
     def ahead(self) -> list[tuple[int, int]]:
         """The live tickets before ours, as (ticket, slot), earliest first."""
         mine = self.ticket
+        if not mine:
+            return []
         page = _read(self._fd)
         used = min(_HEADER.unpack_from(page, 0)[2], SLOTS)
         tickets = _tickets(page)[: max(used, 0)]
@@ -261,7 +282,21 @@ class TicketQueue:
 
 
 def _open(path: Path) -> int:
+    # Close-on-exec (a spawned program never holds a place); fork: see _forget().
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+# Every open queue of this process, for the forked child to let go of.
+_OPEN: weakref.WeakSet[TicketQueue] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_OPEN):
+        queue._forget()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _read(fd: int) -> bytes:

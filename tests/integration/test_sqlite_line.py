@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from writeturn._sqlite_queue import SLOTS, queue_path
+from writeturn.dialects import _PATIENCE
 
 from ._db import serializer
 from ._line_worker import LINE_DDL, insert
@@ -153,3 +155,56 @@ async def test_truncating_the_queue_file_while_processes_write(tmp_path: Path) -
     async with serializer(url, coordination="advisory") as ser:
         await ser.run(insert, WRITES)
     assert queue_path(path).read_bytes()[:8] == b"wtqueue1"
+
+
+# -- 2. a process forks, and is killed while it holds a ticket ---------------------------
+
+
+async def test_a_forked_child_does_not_keep_a_killed_parents_place(tmp_path: Path) -> None:
+    """A child that inherits the parent's slot file must not keep its place alive.
+
+    Before, the child held the flock of the parent's slot, so the ticket of the
+    killed parent counted as alive and every write of the others waited the
+    whole patience (busy timeout + 1 s): 4 writes, 4 patiences."""
+    path = tmp_path / "f.db"
+    url = f"sqlite:///{path}"
+    await create_table(url)
+    barrier = tmp_path / "go"
+    # It starts the parent, and adopts the child once the parent is killed.
+    launcher = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER), "fork", url, str(barrier), stdout=subprocess.PIPE
+    )
+    parent = child = 0
+    busy = 1.0
+    patience = busy + _PATIENCE
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert launcher.stdout is not None
+        async with asyncio.timeout(30):
+            report = json.loads(await launcher.stdout.readline())
+        parent, child = report["pid"], report["child"]
+        holder.execute("BEGIN IMMEDIATE")  # the parent's next write waits for this lock
+        barrier.touch()
+        # In line, with a ticket, in BEGIN's wait for the lock:
+        await asyncio.to_thread(wait_until, lambda: any(tickets(path)))
+        os.kill(parent, signal.SIGKILL)
+        await asyncio.to_thread(wait_until, lambda: not alive(parent))
+        holder.rollback()
+        assert alive(child)  # it lives on, with the parent's descriptors if it kept them
+        async with serializer(url, coordination="advisory", sqlite_busy_timeout=busy) as ser:
+            began = time.monotonic()
+            for n in range(1, 5):
+                await ser.run(insert, n)
+            took = time.monotonic() - began
+    finally:
+        holder.close()
+        for pid in (child, parent):
+            if pid:
+                end(pid)
+        end(launcher.pid)
+        await launcher.wait()
+    print(f"\n4 writes took {took:.2f}s after a forked parent was killed in line")
+    # The dead parent's ticket is dropped at once: no write waits a patience.
+    assert took < patience
+    by_pid = await committed(url)
+    assert by_pid == {parent: [-1], os.getpid(): [1, 2, 3, 4]}

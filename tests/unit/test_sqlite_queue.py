@@ -9,6 +9,7 @@ the kernel does to a killed process (the integration tests kill real ones).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 from pathlib import Path
@@ -85,6 +86,39 @@ def test_a_closed_participant_frees_its_slot(tmp_path: Path) -> None:
     # The queue file and one slot file: no file per participant ever seen.
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["app.db.writeturn-queue", "app.db.writeturn-queue.0"]
+
+
+def test_a_forked_child_takes_a_place_of_its_own(tmp_path: Path) -> None:
+    """The child lets go of the parent's descriptors (and place) and joins on its own.
+
+    It must: flock belongs to the open file description, which fork shares, so
+    a child that kept the parent's slot descriptor would keep the parent's
+    ticket alive after the parent died."""
+    parent = TicketQueue(str(tmp_path / "app.db"))
+    assert parent.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            clean = parent.ticket == 0 and not parent.ahead()
+            assert parent.join()
+            os.write(write, f"{clean} {parent._slot} {parent.ticket}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = pipe.read().split()
+    assert os.waitpid(pid, 0)[1] == 0, "the child failed"
+    assert report == ["True", "1", str(parent.ticket + 1)]
+    # The child is gone and its slot with it; the parent's is still held.
+    newcomer = TicketQueue(str(tmp_path / "app.db"))
+    assert newcomer.join()
+    assert newcomer.ahead() == [(parent.ticket, 0)]
+    for q in (parent, newcomer):
+        q.close()
 
 
 def test_every_slot_taken(tmp_path: Path) -> None:
