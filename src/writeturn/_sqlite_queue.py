@@ -97,6 +97,7 @@ class TicketQueue:
         "_fds",
         "_closer",
         "_last",
+        "_passed",
         "ticket",
         "__weakref__",
     )
@@ -131,6 +132,9 @@ class TicketQueue:
         self._closer = weakref.finalize(self, _close, self._fds)
         _OPEN.add(self)
         self._last = 0  # our latest ticket: a rebuilt counter starts past it
+        # slot -> a ticket that held the line still for a whole patience: not
+        # waited for again while that slot shows that same ticket.
+        self._passed: dict[int, int] = {}
         #: Our ticket while we wait (0: none).
         self.ticket = 0
 
@@ -209,10 +213,16 @@ class TicketQueue:
         page = _read(self._fd)
         used = min(_HEADER.unpack_from(page, 0)[2], SLOTS)
         tickets = _tickets(page)[: max(used, 0)]
+        for slot, t in list(self._passed.items()):
+            if slot >= len(tickets) or tickets[slot] != t:
+                del self._passed[slot]  # it moved, or a new ticket came: it counts again
         earlier = [
             (t, slot)
             for slot, t in enumerate(tickets)
-            if 0 < t < mine and slot != self._slot and self._alive(slot)
+            if 0 < t < mine
+            and slot != self._slot
+            and self._passed.get(slot) != t
+            and self._alive(slot)
         ]
         earlier.sort()
         return earlier
@@ -231,6 +241,15 @@ class TicketQueue:
                 log.warning("writeturn: cannot line up for SQLite's write lock: %s", exc)
                 return True
         return not self.ahead()
+
+    def pass_over(self, stalled: list[tuple[int, int]]) -> None:
+        """Stop waiting for these (ticket, slot) places: they held the line still for a patience.
+
+        Each stays passed over while its slot shows that ticket; a new ticket
+        from the slot (its owner moved) counts again.
+        """
+        for t, slot in stalled:
+            self._passed[slot] = t
 
     def leave(self) -> None:
         """Give the ticket back (one write into our own slot)."""
@@ -346,7 +365,10 @@ async def wait_turn(
     ``interrupted()`` turns true (the write was stopped), "database is locked"
     past ``deadline`` (event-loop time; SQLite's own busy wait says the same).
     If the line does not move for ``patience`` seconds (a frozen process
-    holds the earliest ticket) it returns anyway, and SQLite's lock decides.
+    holds the earliest ticket) it returns anyway, and SQLite's lock decides;
+    the tickets that held it still are passed over from then on (until
+    their slots show new ones), so a frozen process costs one patience, not
+    one per write.
     """
     loop = asyncio.get_running_loop()
     started = since = loop.time()
@@ -364,10 +386,14 @@ async def wait_turn(
         elif now - since >= patience:
             log.info(
                 "writeturn: the line for SQLite's write lock did not move for %.1fs "
-                "(waited %.1fs in all); going to the lock directly",
+                "(waited %.1fs in all); going to the lock directly, and passing over "
+                "the places that held it still (slots %s) until they move",
                 now - since,
                 now - started,
+                sorted(slot for _, slot in ahead if slot >= 0),
             )
+            if queue.ticket:
+                queue.pass_over(ahead)
             return
         pause = delay if deadline is None else min(delay, max(0.0, deadline - now))
         await asyncio.sleep(pause)

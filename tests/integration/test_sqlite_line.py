@@ -208,3 +208,41 @@ async def test_a_forked_child_does_not_keep_a_killed_parents_place(tmp_path: Pat
     assert took < patience
     by_pid = await committed(url)
     assert by_pid == {parent: [-1], os.getpid(): [1, 2, 3, 4]}
+
+
+# -- 3. a process holding an earlier ticket is frozen -----------------------------------
+
+
+async def test_a_frozen_holder_costs_one_patience_in_all(tmp_path: Path) -> None:
+    """Behind a SIGSTOPped ticket holder, the others wait one patience, then pass it over.
+
+    Before, every write waited the whole patience again: 4 writes, 4 patiences."""
+    path = tmp_path / "s.db"
+    url = f"sqlite:///{path}"
+    await create_table(url)
+    busy = 0.5
+    patience = busy + _PATIENCE
+    writes = 4
+    async with serializer(url, coordination="advisory", sqlite_busy_timeout=busy) as ser:
+        await ser.run(insert, -1)  # this process's place in the line
+        other = await asyncio.create_subprocess_exec(
+            sys.executable, str(WORKER), "join", str(path), stdout=subprocess.PIPE
+        )
+        try:
+            assert other.stdout is not None
+            async with asyncio.timeout(30):
+                ticket = int(await other.stdout.readline())
+            os.kill(other.pid, signal.SIGSTOP)  # alive, holding an earlier ticket, never moving
+            began = time.monotonic()
+            async with asyncio.timeout(10 * writes * patience):
+                for n in range(writes):
+                    await ser.run(insert, n)
+            took = time.monotonic() - began
+            still = ticket in tickets(path)
+        finally:
+            end(other.pid)
+            await other.wait()
+    print(f"\n{writes} writes behind a frozen process took {took:.2f}s (patience {patience}s)")
+    assert still  # it was in line all along: passed over, not dropped
+    assert patience <= took < 2 * patience
+    assert await committed(url) == {os.getpid(): [-1, *range(writes)]}

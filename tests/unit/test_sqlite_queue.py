@@ -179,6 +179,26 @@ async def test_wait_turn_stops_waiting_for_a_line_that_does_not_move(tmp_path: P
         q.close()
 
 
+async def test_a_frozen_place_is_passed_over_until_it_takes_a_new_ticket(
+    tmp_path: Path,
+) -> None:
+    front, me = open_queues(tmp_path, 2)
+    assert front.join()  # and never moves: frozen
+    await asyncio.wait_for(wait_turn(me, deadline=None, patience=0.2, interrupted=lambda: False), 5)
+    me.leave()
+    # The same ticket in the same slot: not waited for again.
+    for _ in range(3):
+        assert me.first()
+        me.leave()
+    # Its owner moves (a new ticket from that slot): it counts again.
+    front.leave()
+    assert front.join()
+    assert not me.first()
+    assert ahead_of(me, [front, me]) == [0]
+    for q in (front, me):
+        q.close()
+
+
 async def test_wait_turn_goes_ahead_when_every_slot_is_taken(tmp_path: Path) -> None:
     qs = open_queues(tmp_path, SLOTS)
     for q in qs:
