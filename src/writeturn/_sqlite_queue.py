@@ -14,31 +14,50 @@ The files, next to the database (like the migration lock):
 
 * ``<database>.writeturn-queue``: a page every participant reads and writes
   with ``pread``/``pwrite`` (never a mapping: a file truncated under a
-  mapping is SIGBUS at the next touch): a ticket counter and one ticket per
-  slot (0: not waiting). The counter is advanced under an exclusive
+  mapping is SIGBUS at the next touch): a header (magic, ticket counter, the
+  high-water mark of slots in use, written in one ``pwrite``) and one ticket
+  per slot (0: not waiting). The counter is advanced under an exclusive
   ``flock`` on this file, held for a few microseconds; the tickets are read
-  without a lock. A file truncated or zeroed by someone else (a clean-up
-  script, a log rotation) reads as zeros: the tickets it held are lost for
-  that turn, and the next ``join`` rebuilds the header under the flock, its
-  counter past every ticket still in line.
+  without a lock, all ``SLOTS`` of them whatever the high-water mark says
+  (it is kept up for older versions, which scan only that far).
 * ``<database>.writeturn-queue.<slot>``: slot ``<slot>``'s file. Its owner
   (one serializer) holds an exclusive ``flock`` on it for as long as it lives.
   The kernel drops that lock when the process dies, however it dies, so a
   ticket whose slot file is not locked belongs to nobody: it is skipped and
   cleared. A process killed while waiting or while holding the lock never
-  leaves the queue stuck, and a recycled pid cannot fool it.
+  leaves the queue stuck, and a recycled pid cannot fool it. ``flock``
+  belongs to the open file description, which ``fork`` shares, so a forked
+  child closes the descriptors it inherited (``os.register_at_fork``) and
+  opens a place of its own at its first write; every file is opened
+  close-on-exec.
 
 A ticket is a fairness hint, never a lock: SQLite's own lock still excludes
-writers. A torn read or a frozen process costs at most the order of one turn,
-because a waiter whose line does not move for ``patience`` seconds stops
-waiting for it and goes to SQLite's lock directly.
+writers, and nothing done to these files stops a write or raises from it:
+
+* a file truncated or zeroed by someone else (a clean-up script, a log
+  rotation) reads as zeros: the tickets it held are lost for that turn, and
+  the next ``join`` rebuilds the header under the flock, its counter past
+  every ticket still in line;
+* a corrupt counter (negative, or past ``_LIMIT``) is renumbered from the
+  tickets in line, with a warning; a corrupt ticket reads as none;
+* a file that is not a queue file (neither our magic nor zeros) is reported
+  once, and left alone: that participant's writes go to SQLite's lock
+  directly from then on;
+* a frozen process costs the others one ``patience``: a waiter whose line
+  does not move for that long goes to SQLite's lock, and passes the places
+  that held it still over for as long as they show the same ticket.
 
 # Invariants:
 # - only the owner of a slot sets its ticket; anyone may clear the ticket of a
 #   slot whose file lock it took (its owner is gone);
-# - the counter only grows, and only under the flock on the queue file, so two
-#   live tickets are never equal;
-# - a participant holds at most one ticket, from join() until leave().
+# - the counter grows, and only under the flock on the queue file, so two
+#   live tickets are never equal; the exceptions are the file's own damage: a
+#   truncation (tickets lost with it) or a corrupt counter (renumbered past
+#   every ticket still in line);
+# - the high-water mark in the header never shrinks below a slot that holds
+#   a ticket, and nothing here trusts it: every slot is read;
+# - a participant holds at most one ticket, from join() until leave(), and
+#   never one of a process it was forked from.
 """
 
 from __future__ import annotations
@@ -65,6 +84,8 @@ SLOTS = 64
 _MAGIC = b"wtqueue1"
 _HEADER = struct.Struct("<8sqq")
 _TICKET = struct.Struct("<q")
+# A counter at or past this is corrupt (2**62 tickets are never handed out): renumbered.
+_LIMIT = 2**62
 _PAGE = _HEADER.size + SLOTS * _TICKET.size  # what is read: the header and every ticket
 _SIZE = 4096
 assert _PAGE <= _SIZE
@@ -98,6 +119,7 @@ class TicketQueue:
         "_closer",
         "_last",
         "_passed",
+        "_refused",
         "ticket",
         "__weakref__",
     )
@@ -135,6 +157,7 @@ class TicketQueue:
         # slot -> a ticket that held the line still for a whole patience: not
         # waited for again while that slot shows that same ticket.
         self._passed: dict[int, int] = {}
+        self._refused = False  # the file turned out not to be a queue file: no line here
         #: Our ticket while we wait (0: none).
         self.ticket = 0
 
@@ -166,7 +189,9 @@ class TicketQueue:
     def join(self) -> bool:
         """Take the next ticket; False if the queue file is locked this instant (try again).
 
-        Raises ``OSError`` when every slot is taken by a live participant.
+        Raises ``OSError`` when every slot is taken by a live participant, or
+        when the file is not a queue file. Rebuilds a truncated or zeroed file
+        and renumbers a corrupt counter on the way.
         """
         import fcntl
 
@@ -182,7 +207,7 @@ class TicketQueue:
             page = _read(self._fd)
             magic, counter, used = _HEADER.unpack_from(page, 0)
             if magic not in (_MAGIC, bytes(8)):
-                raise OSError(errno.EINVAL, f"{self.path} is not a writeturn queue file")
+                raise _NotAQueue(errno.EINVAL, f"{self.path} is not a writeturn queue file")
             if magic != _MAGIC or os.fstat(self._fd).st_size < _SIZE:
                 # Truncated or zeroed under us (a clean-up script, a rotation): the
                 # tickets it held are gone; the line goes on from what is left.
@@ -193,11 +218,24 @@ class TicketQueue:
             if self._slot is None:
                 self._claim_slot()
             assert self._slot is not None
-            tickets = _tickets(page)
+            tickets = _sane(_tickets(page))
+            if not 0 <= counter < _LIMIT:
+                renumbered = max(0, *tickets)
+                log.warning(
+                    "writeturn: the ticket counter of %s was corrupt (%d); renumbered it from %d",
+                    self.path,
+                    counter,
+                    renumbered,
+                )
+                counter = renumbered
             # Past every ticket in line and our own last one: a rebuilt counter
             # does not put a newcomer before those already waiting.
             counter = max(counter, self._last, *tickets) + 1
-            used = max(used, self._slot + 1)
+            # The high-water mark (for older versions, which scan only that
+            # far) never shrinks: every slot with a ticket stays below it.
+            waiting = [slot + 1 for slot, t in enumerate(tickets) if t]
+            used = max(used if 0 <= used <= SLOTS else SLOTS, self._slot + 1, *waiting)
+            # One write: a reader never sees half a header.
             os.pwrite(self._fd, _HEADER.pack(_MAGIC, counter, used), 0)
             os.pwrite(self._fd, _TICKET.pack(counter), _slot_offset(self._slot))
             self.ticket = self._last = counter
@@ -211,10 +249,13 @@ class TicketQueue:
         if not mine:
             return []
         page = _read(self._fd)
-        used = min(_HEADER.unpack_from(page, 0)[2], SLOTS)
-        tickets = _tickets(page)[: max(used, 0)]
+        if _HEADER.unpack_from(page, 0)[0] not in (_MAGIC, bytes(8)):
+            return []  # not a queue file (any more): nothing in it is a ticket
+        # Every slot, whatever the header's high-water mark says: a torn or
+        # corrupt header never hides a place in line (one read of 512 bytes).
+        tickets = _sane(_tickets(page))
         for slot, t in list(self._passed.items()):
-            if slot >= len(tickets) or tickets[slot] != t:
+            if tickets[slot] != t:
                 del self._passed[slot]  # it moved, or a new ticket came: it counts again
         earlier = [
             (t, slot)
@@ -231,12 +272,24 @@ class TicketQueue:
         """Join if not in line yet; True when no live participant holds an earlier ticket.
 
         Also True when there is no place in line (every slot is taken by a
-        live participant): that write goes to SQLite's lock directly.
+        live participant, or the file is not a queue file): that write goes
+        to SQLite's lock directly.
         """
+        if self._refused:
+            return True
         if not self.ticket:
             try:
                 if not self.join():
                     return False  # the queue file is locked this instant: try again
+            except _NotAQueue as exc:
+                # Said once: from now on this participant does without the line.
+                self._refused = True
+                log.warning(
+                    "writeturn: %s; processes writing this database no longer take turns "
+                    "at SQLite's write lock here, each write waits for the lock directly",
+                    exc.strerror,
+                )
+                return True
             except OSError as exc:
                 log.warning("writeturn: cannot line up for SQLite's write lock: %s", exc)
                 return True
@@ -337,7 +390,16 @@ def _rebuild(fd: int) -> None:
     page = _read(fd)
     magic, _, _ = _HEADER.unpack_from(page, 0)
     if magic != _MAGIC:
-        os.pwrite(fd, _HEADER.pack(_MAGIC, max(0, *_tickets(page)), SLOTS), 0)
+        os.pwrite(fd, _HEADER.pack(_MAGIC, max(0, *_sane(_tickets(page))), SLOTS), 0)
+
+
+def _sane(tickets: tuple[int, ...]) -> tuple[int, ...]:
+    """The tickets, with a corrupt one (negative, or past any counter) read as none."""
+    return tuple(t if 0 < t < _LIMIT else 0 for t in tickets)
+
+
+class _NotAQueue(OSError):
+    """The queue file holds something else (its magic is neither ours nor zeros)."""
 
 
 def _slot_offset(slot: int) -> int:

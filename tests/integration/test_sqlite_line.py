@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from writeturn._sqlite_queue import SLOTS, queue_path
@@ -246,3 +248,53 @@ async def test_a_frozen_holder_costs_one_patience_in_all(tmp_path: Path) -> None
     assert still  # it was in line all along: passed over, not dropped
     assert patience <= took < 2 * patience
     assert await committed(url) == {os.getpid(): [-1, *range(writes)]}
+
+
+# -- 4. the queue file holds something else ---------------------------------------------
+
+
+async def test_a_corrupt_counter_is_renumbered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A maximal counter in the header: before, the next write failed with struct.error."""
+    path = tmp_path / "c.db"
+    url = f"sqlite:///{path}"
+    await create_table(url)
+    async with serializer(url, coordination="advisory") as ser:
+        await ser.run(insert, -1)
+        fd = os.open(queue_path(path), os.O_WRONLY)
+        try:
+            os.pwrite(fd, struct.pack("<q", 2**63 - 1), 8)
+        finally:
+            os.close(fd)
+        with caplog.at_level(logging.WARNING, logger="writeturn"):
+            for n in range(3):
+                await ser.run(insert, n)
+    assert any("renumber" in r.getMessage() for r in caplog.records), caplog.text
+    counter = HEADER.unpack_from(queue_path(path).read_bytes())[1]
+    assert 0 < counter < 2**32
+    assert await committed(url) == {os.getpid(): [-1, 0, 1, 2]}
+
+
+async def test_a_foreign_queue_file_is_reported_and_writes_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue file is overwritten with other data while a serializer writes.
+
+    Before, the next write failed with a raw struct.error. Now one warning says
+    the file is not a queue file, and writes wait for SQLite's lock directly."""
+    path = tmp_path / "x.db"
+    url = f"sqlite:///{path}"
+    await create_table(url)
+    foreign = b"\xff" * 4096
+    async with serializer(url, coordination="advisory") as ser:
+        await ser.run(insert, -1)
+        queue_path(path).write_bytes(foreign)
+        with caplog.at_level(logging.WARNING, logger="writeturn"):
+            for n in range(3):
+                await ser.run(insert, n)
+    warnings = [r.getMessage() for r in caplog.records if "not a writeturn queue" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert str(queue_path(path)) in warnings[0]
+    assert queue_path(path).read_bytes() == foreign  # someone else's file: left alone
+    assert await committed(url) == {os.getpid(): [-1, 0, 1, 2]}
