@@ -9,8 +9,11 @@ the kernel does to a killed process (the integration tests kill real ones).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import sqlite3
+import struct
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,39 @@ def test_a_closed_participant_frees_its_slot(tmp_path: Path) -> None:
     assert files == ["app.db.writeturn-queue", "app.db.writeturn-queue.0"]
 
 
+def test_a_forked_child_takes_a_place_of_its_own(tmp_path: Path) -> None:
+    """The child lets go of the parent's descriptors (and place) and joins on its own.
+
+    It must: flock belongs to the open file description, which fork shares, so
+    a child that kept the parent's slot descriptor would keep the parent's
+    ticket alive after the parent died."""
+    parent = TicketQueue(str(tmp_path / "app.db"))
+    assert parent.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            clean = parent.ticket == 0 and not parent.ahead()
+            assert parent.join()
+            os.write(write, f"{clean} {parent._slot} {parent.ticket}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = pipe.read().split()
+    assert os.waitpid(pid, 0)[1] == 0, "the child failed"
+    assert report == ["True", "1", str(parent.ticket + 1)]
+    # The child is gone and its slot with it; the parent's is still held.
+    newcomer = TicketQueue(str(tmp_path / "app.db"))
+    assert newcomer.join()
+    assert newcomer.ahead() == [(parent.ticket, 0)]
+    for q in (parent, newcomer):
+        q.close()
+
+
 def test_every_slot_taken(tmp_path: Path) -> None:
     qs = open_queues(tmp_path, SLOTS)
     for q in qs:
@@ -102,6 +138,81 @@ def test_a_foreign_file_is_refused(tmp_path: Path) -> None:
     queue_path(tmp_path / "app.db").write_bytes(b"not a queue" * 10)
     with pytest.raises(OSError, match="not a writeturn queue"):
         TicketQueue(str(tmp_path / "app.db"))
+
+
+def poke(tmp_path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` into the queue file at ``offset``, as a stray program would."""
+    fd = os.open(queue_path(tmp_path / "app.db"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def header(tmp_path: Path) -> tuple[bytes, int, int]:
+    magic, counter, used = struct.unpack_from("<8sqq", queue_path(tmp_path / "app.db").read_bytes())
+    return magic, counter, used
+
+
+def test_a_zeroed_file_is_rebuilt_and_the_line_goes_on(tmp_path: Path) -> None:
+    waiting, newcomer = open_queues(tmp_path, 2)
+    assert waiting.join()
+    before = waiting.ticket
+    waiting.leave()
+    poke(tmp_path, 0, bytes(4096))
+    assert newcomer.join() and waiting.join()
+    assert header(tmp_path)[0] == b"wtqueue1"
+    # A participant's tickets only grow, and the line keeps its order.
+    assert newcomer.ticket < waiting.ticket and before < waiting.ticket
+    assert ahead_of(waiting, [waiting, newcomer]) == [1]
+    for q in (waiting, newcomer):
+        q.close()
+
+
+def test_a_corrupt_counter_is_renumbered(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first, second = open_queues(tmp_path, 2)
+    assert first.join()
+    poke(tmp_path, 8, struct.pack("<q", 2**63 - 1))
+    with caplog.at_level(logging.WARNING, logger="writeturn"):
+        assert second.join()  # before: struct.error
+    assert "renumbered" in caplog.text
+    assert first.ticket < second.ticket < 2**32
+    assert ahead_of(second, [first, second]) == [0]
+    for q in (first, second):
+        q.close()
+
+
+def test_a_torn_header_never_hides_a_place_in_line(tmp_path: Path) -> None:
+    """The count of slots in use read as 0 (a half-written header) switched the line off."""
+    qs = open_queues(tmp_path, 3)
+    for q in qs:
+        assert q.join()
+    poke(tmp_path, 16, struct.pack("<q", 0))
+    assert ahead_of(qs[2], qs) == [0, 1]
+    assert not qs[2].first()
+    # The next join writes the mark back: at least every slot with a ticket.
+    qs[0].leave()
+    assert qs[0].join()
+    assert header(tmp_path)[2] >= 3
+    for q in qs:
+        q.close()
+
+
+def test_a_file_that_becomes_foreign_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = TicketQueue(str(tmp_path / "app.db"))
+    assert q.join()
+    q.leave()
+    poke(tmp_path, 0, b"\xff" * 4096)
+    with caplog.at_level(logging.WARNING, logger="writeturn"):
+        for _ in range(3):
+            assert q.first()  # before: struct.error; now: no line, SQLite's lock decides
+            q.leave()
+    reports = [r for r in caplog.records if "not a writeturn queue file" in r.getMessage()]
+    assert len(reports) == 1, caplog.text
+    assert queue_path(tmp_path / "app.db").read_bytes() == b"\xff" * 4096  # left alone
+    q.close()
 
 
 async def test_wait_turn_ends_on_interrupt_and_at_the_deadline(tmp_path: Path) -> None:
@@ -141,6 +252,26 @@ async def test_wait_turn_stops_waiting_for_a_line_that_does_not_move(tmp_path: P
     assert loop.time() - began >= 0.2
     assert me.ticket > front.ticket  # it kept its ticket: the caller leaves after BEGIN
     me.leave()
+    for q in (front, me):
+        q.close()
+
+
+async def test_a_frozen_place_is_passed_over_until_it_takes_a_new_ticket(
+    tmp_path: Path,
+) -> None:
+    front, me = open_queues(tmp_path, 2)
+    assert front.join()  # and never moves: frozen
+    await asyncio.wait_for(wait_turn(me, deadline=None, patience=0.2, interrupted=lambda: False), 5)
+    me.leave()
+    # The same ticket in the same slot: not waited for again.
+    for _ in range(3):
+        assert me.first()
+        me.leave()
+    # Its owner moves (a new ticket from that slot): it counts again.
+    front.leave()
+    assert front.join()
+    assert not me.first()
+    assert ahead_of(me, [front, me]) == [0]
     for q in (front, me):
         q.close()
 
