@@ -228,26 +228,35 @@ async def test_a_frozen_process_in_line_is_waited_for_only_so_long(tmp_path: Pat
         other = await join_in_another_process(path)
         os.kill(other.pid, signal.SIGSTOP)  # alive, holding an earlier ticket, never moving
         try:
+            # A write with a timeout shorter than the patience ends on time.
             began = time.monotonic()
-            async with asyncio.timeout(20):
-                await ser.run(insert, "w", 1)
-            took = time.monotonic() - began
-            # A write with a timeout shorter than that patience ends on time instead.
-            began = time.monotonic()
-            h = ser.submit(insert, "w", 2, timeout=0.3)
+            h = ser.submit(insert, "w", 1, timeout=0.3)
             async with asyncio.timeout(10):
                 exc = await quietly(h)
             timed_out = time.monotonic() - began
+            began = time.monotonic()
+            async with asyncio.timeout(20):
+                await ser.run(insert, "w", 2)
+            took = time.monotonic() - began
+            # The frozen ticket has cost one patience: the next writes pass it over.
+            began = time.monotonic()
+            async with asyncio.timeout(20):
+                for i in range(3, 6):
+                    await ser.run(insert, "w", i)
+            then = time.monotonic() - began
         finally:
             os.kill(other.pid, signal.SIGCONT)
             other.kill()
             await other.wait()
         print(
-            f"\nwaited {took:.2f}s behind a frozen process; a 0.3 s write ended in {timed_out:.2f}s"
+            f"\na 0.3 s write ended in {timed_out:.2f}s; waited {took:.2f}s behind a frozen "
+            f"process, then {then:.2f}s for three more writes"
         )
-        # Patience is the busy timeout plus one second: then SQLite's lock decides.
-        assert 1.0 <= took < 10
         # It waited in line inside its transaction's BEGIN: rolled back, on time.
         assert isinstance(exc, TurnTimeout), repr(exc)
         assert h.outcome is Outcome.ROLLED_BACK
         assert timed_out < 1.5
+        # Patience is the busy timeout plus one second: then SQLite's lock decides.
+        patience = 0.5 + 1.0
+        assert 1.0 <= took < 10
+        assert then < patience, "a frozen holder costs the others one patience, not one per write"
