@@ -89,17 +89,20 @@ def running_pgbouncer(postgres_url: str) -> Iterator[str]:
         )
     )
     as_postgres = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+    # Its stderr goes to a file: a pipe nobody reads once it listens fills up under a
+    # long run of backend kills, and then PgBouncer blocks, with every client on it.
+    stderr = (workdir / "stderr.txt").open("wb")
     proc = subprocess.Popen(
         [exe, str(workdir / "pgbouncer.ini")],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         **as_postgres,  # type: ignore[arg-type]
     )
     try:
         deadline = time.monotonic() + 15
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
+                err = (workdir / "stderr.txt").read_text(errors="replace")
                 log = (
                     (workdir / "pgbouncer.log").read_text()
                     if (workdir / "pgbouncer.log").exists()
@@ -121,6 +124,5 @@ def running_pgbouncer(postgres_url: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
+        stderr.close()
         shutil.rmtree(workdir, ignore_errors=True)

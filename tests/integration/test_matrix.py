@@ -11,11 +11,8 @@ repeat (a repeat is a lost update). Select it alone with ``-m matrix``.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import subprocess
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -31,23 +28,9 @@ pytestmark = pytest.mark.matrix
 @pytest.fixture(scope="module")
 def matrix_bouncer(writeturn_postgres_server: URL) -> Iterator[URL]:
     """One PgBouncer for the whole module, in front of the test server: each cell reaches
-    its own fresh database through it by name.
-
-    Started quietly (``-q``: its log still goes to its log file): the starter keeps the
-    process's stderr as a pipe that nobody reads once it listens, and a PgBouncer that
-    lives through many cells of backend kills fills that pipe and then blocks, with
-    every client waiting on it."""
-    popen = subprocess.Popen
-
-    def quiet(args: list[str], *rest: Any, **options: Any) -> Any:
-        return popen([args[0], "-q", *args[1:]], *rest, **options)
-
-    server = writeturn_postgres_server.render_as_string(hide_password=False)
-    with contextlib.ExitStack() as stack:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(subprocess, "Popen", quiet)
-            url = stack.enter_context(running_pgbouncer(server))
-        yield make_url(url)
+    its own fresh database through it by name."""
+    with running_pgbouncer(writeturn_postgres_server.render_as_string(hide_password=False)) as u:
+        yield make_url(u)
 
 
 def _params() -> list[object]:
