@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -147,6 +149,7 @@ async def test_writes_stopped_while_connecting_leave_nothing_for_asyncio_to_repo
                     h = ser.submit(
                         _write,
                         key,
+                        key,
                         n,
                         key=key,
                         writer=key,
@@ -166,9 +169,9 @@ async def test_writes_stopped_while_connecting_leave_nothing_for_asyncio_to_repo
     assert reports == [], f"{len(reports)} reports, e.g. {reports[:3]}"
 
 
-async def _write(session: AsyncSession, key: str, seq: int) -> None:
+async def _write(session: AsyncSession, key: str, writer: str, seq: int) -> None:
     await increment(session, key)
-    await record(session, key, key, seq)
+    await record(session, key, writer, seq)
 
 
 async def _time_a_connect(url: str) -> float:
@@ -184,3 +187,76 @@ async def _time_a_connect(url: str) -> float:
     finally:
         await engine.dispose()
     return sorted(times)[2]
+
+
+# -- 2. backends terminated while writes run, in advisory mode ------------------------------
+
+KILL_SEED = 20261208
+KILL_WRITERS, KILL_WRITES = 8, 60
+KILL_KEYS = ("a", "b")
+BACKENDS_UNDER_TEST = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND pid <> pg_backend_pid() AND application_name = $1 ORDER BY pid"
+)
+
+
+@pytest.mark.parametrize("seed", [KILL_SEED, KILL_SEED + 1, KILL_SEED + 2])
+async def test_backends_terminated_under_writes_leave_nothing_for_asyncio_to_report(
+    pg_url: str, seed: int
+) -> None:
+    rnd = random.Random(seed)
+    handles: dict[tuple[str, int], WriteHandle[Any]] = {}
+    with loop_reports() as reports:
+        async with serializer(pg_url, coordination="advisory", batch_max=1, **UNDER_TEST) as ser:
+            await create_tables(ser.engine, *KILL_KEYS)
+            stop = asyncio.Event()
+            kills = asyncio.ensure_future(_killer(pg_url, random.Random(seed + 100), stop))
+
+            async def writer(i: int) -> None:
+                name, key = f"w{i}", KILL_KEYS[i % len(KILL_KEYS)]
+                seq = 0
+                while seq < KILL_WRITES:
+                    burst = []
+                    for _ in range(rnd.randint(1, 8)):
+                        if seq == KILL_WRITES:
+                            break
+                        h = ser.submit(_write, key, name, seq, key=key, writer=name)
+                        handles[(name, seq)] = h
+                        burst.append(quietly(h))
+                        seq += 1
+                    await asyncio.gather(*burst)
+
+            try:
+                async with asyncio.timeout(120):
+                    await asyncio.gather(*(writer(i) for i in range(KILL_WRITERS)))
+            finally:
+                stop.set()
+                killed = await kills
+            outcomes = await _check_outcomes(pg_url, handles)
+    print(f"\n{killed} kills; outcomes {dict(outcomes)}")
+    assert killed >= 20
+    assert outcomes[Outcome.COMMITTED] > 0, outcomes
+    assert reports == [], f"{len(reports)} reports, e.g. {reports[:3]}"
+
+
+async def _killer(url: str, rnd: random.Random, stop: asyncio.Event) -> int:
+    """Terminate one of the serializer's backends at random moments; return how many."""
+    u = make_url(url)
+    conn = await asyncpg.connect(
+        host=u.host or "127.0.0.1",
+        port=u.port or 5432,
+        user=u.username or "postgres",
+        password=u.password,
+        database=u.database,
+        timeout=5,
+    )
+    killed = 0
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(rnd.uniform(0.002, 0.02))
+            pids = [r[0] for r in await conn.fetch(BACKENDS_UNDER_TEST, APP)]
+            if pids and await conn.fetchval("SELECT pg_terminate_backend($1)", rnd.choice(pids)):
+                killed += 1
+    finally:
+        await conn.close()
+    return killed
