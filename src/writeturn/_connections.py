@@ -72,6 +72,28 @@ class ConnectionCache:
         self._spares.append((conn, timer))
         return True
 
+    async def receive(self, checkout: asyncio.Future[AsyncConnection]) -> None:
+        """Park or close the connection of a checkout that its write no longer wants.
+
+        The write was stopped while the connection was being opened; the connect
+        was let finish (cut off, the driver may leave an error nobody retrieves),
+        and a failed one is only noted: no write is waiting for it.
+        """
+        try:
+            conn = await checkout
+        except asyncio.CancelledError:
+            if not checkout.cancelled():
+                raise  # this task itself was cancelled
+            return
+        except Exception as exc:
+            log.debug("writeturn: a connect no write waited for failed: %r", exc)
+            return
+        if not self.park(conn):
+            try:
+                await conn.close()
+            except Exception as exc:
+                log.debug("writeturn: closing a connection no write wanted failed: %r", exc)
+
     def drop_all(self) -> None:
         """Another connection died: the parked ones may have died with it (a restart)."""
         spares, self._spares = self._spares, []

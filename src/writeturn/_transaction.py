@@ -7,7 +7,8 @@ around these calls.
 
 Where a cancellation can land in a transaction, and what happens:
 
-* the pool checkout (:meth:`Transaction.connect`): abandoned; nothing began;
+* the pool checkout (:meth:`Transaction.connect`): abandoned; nothing began, and
+  the connect finishes in the background (its connection is parked or closed);
 * BEGIN and the lock, the journal row, the write function's statements
   through :class:`WriteSession`, the flush before COMMIT (:meth:`Transaction.call`):
   the statement finishes, or after ``cancel_grace`` the driver stops it with
@@ -265,20 +266,27 @@ class Transaction:
         await self._checkout_failed(ConnectionError("three connections in a row were dead"))
 
     async def _checkout(self) -> AsyncConnection:
-        engine = self._rt.engine
-        checkout = asyncio.ensure_future(AsyncConnection(engine).start())
-        if await settle(checkout, checkout.cancel):
+        rt = self._rt
+        checkout = asyncio.ensure_future(AsyncConnection(rt.engine).start())
+        try:
+            # A stop leaves at once but never cuts the connect off: asyncpg cut
+            # off while it negotiates SSL (sslmode=prefer, the default) leaves a
+            # future whose error nobody retrieves, and asyncio logs it. The
+            # connect ends in the background, and its connection is parked or closed.
+            await asyncio.shield(checkout)
+        except asyncio.CancelledError:
             self.stopped = True
-        if checkout.cancelled():
-            raise asyncio.CancelledError
+            rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
+            raise
+        except Exception:
+            pass  # raised below, from the checkout itself
         exc = checkout.exception()
         if exc is not None:
             await self._checkout_failed(exc)
-        conn = checkout.result()
         if self.stopped:
-            await conn.close()
+            rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
             raise asyncio.CancelledError
-        return conn
+        return checkout.result()
 
     async def _checkout_failed(self, exc: BaseException) -> NoReturn:
         engine = self._rt.engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hashlib
 import logging
 import sqlite3
@@ -531,8 +532,10 @@ class PostgresDialect(Dialect):
     def alive(self, conn: AsyncConnection) -> bool:
         # asyncpg learns of a closed socket as soon as the event loop sees it,
         # so a connection the server closed while it was idle is known dead.
+        # The server's FATAL message comes before the close, and may be read
+        # loop turns earlier: such a connection is dead too (_failed_while_idle).
         driver = _driver(conn)
-        return driver is not None and not driver.is_closed()
+        return driver is not None and not driver.is_closed() and not _failed_while_idle(driver)
 
     #: asyncpg refuses these before it writes anything to the socket.
     _NOT_SENT = ("connection is closed", "another operation is in progress")
@@ -605,6 +608,24 @@ def _unique_statement_name() -> str:
 def _driver(conn: AsyncConnection) -> Any:
     """The driver's own connection object under ``conn`` (aiosqlite's or asyncpg's)."""
     return conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+
+
+def _failed_while_idle(driver: Any) -> bool:
+    """Whether asyncpg's protocol holds an error while no operation runs on it.
+
+    The server ended the session (``pg_terminate_backend``, a shutdown) while the
+    connection sat idle: its FATAL message has been read, the close of the
+    socket not yet. The protocol then refuses every operation until the close
+    arrives, and its COPY (the one-message BEGIN) refuses only after it made
+    the future for the operation: the close fails that future, and nobody ever
+    retrieves its ConnectionDoesNotExistError. Such a connection is discarded
+    before anything is sent on it. The protocol's fields are not public: the
+    error is found among the objects it refers to (None when it is idle).
+    """
+    protocol = getattr(driver, "_protocol", None)
+    if protocol is None:
+        return False
+    return any(isinstance(ref, BaseException) for ref in gc.get_referents(protocol))
 
 
 def _adapter(conn: AsyncConnection) -> Any:

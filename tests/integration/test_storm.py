@@ -1,7 +1,9 @@
 """A cancellation storm: thousands of writes, a third of them cancelled at random moments.
 
 Afterwards every guarantee is checked against the database itself: the
-counter, the ledger, and on Postgres ``pg_locks`` and ``pg_stat_activity``.
+counter, the ledger, and on Postgres ``pg_locks`` and ``pg_stat_activity``;
+during the storm each write on Postgres probes, with a NOWAIT row lock, that
+no other write's transaction is still open.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from writeturn import Outcome, TurnTimeout, WriteHandle, WriteSerializer
@@ -23,6 +26,7 @@ from ._db import counter, create_tables, increment, ledger, pg_leftovers, record
 WRITERS = 8
 WRITES_PER_WRITER = 300
 SEED = 20261125
+LOCK_NOT_AVAILABLE = "55P03"  # what a NOWAIT lock request gets when the lock is held
 
 
 @dataclass
@@ -45,8 +49,7 @@ class Storm:
                 # a pause, the flush, or COMMIT itself.
                 loop = asyncio.get_running_loop()
                 loop.call_later(self.rnd.uniform(0, 0.004), self.handles[(writer, seq)].cancel)
-            if seq % 10 == 0:
-                self.overlaps_seen_by_db += await other_open_transactions(session)
+            self.overlaps_seen_by_db += await key_row_held_by_another(session)
             await increment(session, pause=self.rnd.choice((0, 0, 0.001)))
             await asyncio.sleep(self.rnd.choice((0, 0.0005)))
             await record(session, "k", writer, seq)
@@ -87,15 +90,26 @@ async def settle(handle: WriteHandle[Any]) -> None:
         pass
 
 
-async def other_open_transactions(session: AsyncSession) -> int:
-    """Other sessions of this database inside a transaction right now (Postgres only)."""
+async def key_row_held_by_another(session: AsyncSession) -> int:
+    """1 if another transaction still holds key "k"'s counter row, else 0 (Postgres only).
+
+    Every write updates that row, so a write that overlaps another finds it locked.
+    Exclusion is probed with the lock itself: a transaction's row lock ends exactly
+    when the transaction is over, while ``pg_stat_activity.xact_start`` is cleared
+    only after its locks were released, so counting open transactions would see the
+    committed predecessor of a write woken by the advisory lock.
+    """
     if session.bind.dialect.name != "postgresql":
         return 0
-    sql = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL AND backend_type = 'client backend'"
-    )
-    return int((await session.execute(text(sql))).scalar_one())
+    try:
+        await session.execute(
+            text("SELECT n FROM counter WHERE key = :k FOR UPDATE NOWAIT"), {"k": "k"}
+        )
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        return 1  # counted; the write then fails, as the transaction was aborted
+    return 0
 
 
 async def run_storm(ser: WriteSerializer) -> Storm:
