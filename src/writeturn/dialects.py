@@ -458,8 +458,10 @@ class PostgresDialect(Dialect):
         if _SESSION_LOCK not in conn.info:
             return
         adapter = _adapter(conn)
-        if adapter is None:
-            raise RuntimeError("the connection's adapter is gone; it cannot be unlocked")
+        if adapter is None or not self.alive(conn):
+            # Dead, or its session ended by the server (see _failed_while_idle): the
+            # lock went with the session; the caller discards the connection.
+            raise ConnectionError("the connection is dead; its session lock ended with it")
         async with adapter._execute_mutex:
             # Every session lock of this connection is writeturn's; unlock_all,
             # unlike unlock, says nothing when the lock was never granted.
