@@ -191,7 +191,9 @@ async def test_backends_terminated_under_load(
         chaos = Chaos(ser, random.Random(KILL_SEED))
         stop = asyncio.Event()
         began = time.monotonic()
-        async with asyncio.timeout(60):  # no stuck turn: the run ends
+        # No stuck turn: the run ends. A hang detector, not a speed limit: about 25 s on
+        # a quiet machine, and a loaded one (CI beside other work) may take several times that.
+        async with asyncio.timeout(240):
             kills = asyncio.ensure_future(killer(pg_url, random.Random(KILL_SEED + 1), stop))
             try:
                 await asyncio.gather(*(chaos.writer(i) for i in range(KILL_WRITERS)))
@@ -219,7 +221,10 @@ async def test_backends_terminated_under_load(
             # uses it, so only kills inside a transaction call for a retry.
             busy = [k for k in killed if not k.startswith("idle:")]
             assert ser.stats().retries >= len(busy) // 2
-            assert len(failed) <= len(handles) // 100
+            # A write fails only if every one of its attempts lost its connection. Kills
+            # come at a steady rate, so a slower (loaded) run sees more of them per write:
+            # the bound is a share of the kills, not of the writes (quiet: 8 of 877).
+            assert len(failed) <= len(busy) // 20, (len(failed), len(busy))
         else:
             assert failed
 
