@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench docs docs-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,16 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/writeturn bench
 
+# The documentation site (mkdocs.yml, docs/) into build/site. --strict: a warning, such
+# as a broken link or an API reference that does not resolve, fails the build.
+# NO_MKDOCS_2_WARNING: Material prints a notice about its successor on every build.
+docs docs-serve: export NO_MKDOCS_2_WARNING = 1
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve --strict
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build/site
