@@ -642,6 +642,8 @@ def _check_isolation(rt: Runtime, level: str) -> None:
     the transaction begins, as a session lock, which a transaction pooler cannot
     keep: it hands the server connection to another client after each transaction.
     """
+    if rt.dialect.name != "postgresql":
+        return  # SQLite: BEGIN IMMEDIATE takes the lock before the first statement
     snapshot = level.lower() in ("repeatable read", "serializable")
     if snapshot and rt.options.coordination == "advisory" and rt.options.pgbouncer:
         shown_level = level.upper()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sqlalchemy import text
@@ -126,3 +128,46 @@ def sqlite_threads_alive() -> set[str]:
         for t in threading.enumerate()
         if "_connection_worker_thread" in t.name and t.is_alive()
     }
+
+
+class _AsyncioReports(logging.Handler):
+    """What asyncio logs about futures and tasks nobody awaited."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text_ = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text_ += f": {record.exc_info[1]!r}"
+        self.messages.append(text_)
+
+
+@contextmanager
+def loop_reports() -> Iterator[list[str]]:
+    """Everything the running loop's exception handler and the "asyncio" logger report.
+
+    Futures are reported when they are collected: garbage is collected before the
+    list is final, so an orphan that is only reachable from a cycle shows up too.
+    """
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+
+    def on_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        seen.append(f"{context.get('message')}: {exc!r}")
+
+    handler = _AsyncioReports()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(on_exception)
+    try:
+        yield seen
+        gc.collect()
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+        logger.removeHandler(handler)
+        seen.extend(handler.messages)

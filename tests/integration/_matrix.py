@@ -12,8 +12,6 @@ a snapshot taken before the previous write committed.
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
 import random
 import zlib
 from collections import Counter
@@ -28,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from writeturn import Outcome, WriteHandle, WriteSerializer, WriteturnError, migrations
 
-from ._db import pg_leftovers
+from ._db import loop_reports, pg_leftovers
 
 KEYS = ("a", "b")
 WRITERS = 6
@@ -284,59 +282,44 @@ async def _settle(handle: WriteHandle[Any]) -> None:
         pass
 
 
-class NeverRetrieved(logging.Handler):
-    """Collects asyncio's reports of exceptions that nobody retrieved."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "never retrieved" in message:
-            exc = record.exc_info[1] if record.exc_info else None
-            self.messages.append(f"{message} {exc!r}"[:200])
-
-
 async def run_cell(cell: Cell, url: str, direct_url: str) -> None:
     """Run ``cell``'s storm on ``url`` (``direct_url``: the same database, not pooled) and
     check the database against every handle."""
     INSIDE.clear()
     rnd = random.Random(cell.seed)
-    never = NeverRetrieved()
-    asyncio_logger = logging.getLogger("asyncio")
-    asyncio_logger.addHandler(never)
     direct = _engine(direct_url)
     try:
-        await prepare(cell, direct_url)
-        sers = [WriteSerializer.from_url(url, **cell.options()) for _ in range(cell.serializers)]
-        storm = Storm(cell, sers, rnd)
-        try:
-            async with asyncio.timeout(STORM_DEADLINE):
+        # What asyncio reports (an error nobody retrieved) is collected to the end.
+        with loop_reports() as reported:
+            await prepare(cell, direct_url)
+            sers = [
+                WriteSerializer.from_url(url, **cell.options()) for _ in range(cell.serializers)
+            ]
+            storm = Storm(cell, sers, rnd)
+            try:
+                async with asyncio.timeout(STORM_DEADLINE):
+                    for ser in sers:
+                        await ser.start()
+                    done = asyncio.Event()
+                    killer = (
+                        asyncio.ensure_future(storm.killer(direct_url, done))
+                        if cell.postgres
+                        else None
+                    )
+                    await asyncio.gather(*(storm.writer(w) for w in range(WRITERS)))
+                    await asyncio.gather(*storm.waiters, return_exceptions=True)
+                    done.set()
+                    if killer is not None:
+                        await killer
+                    # Nothing may be left behind by the storm, before anyone closes.
+                    leftovers = await pg_leftovers(direct)
+                    stats = [ser.stats() for ser in sers]
+            finally:
                 for ser in sers:
-                    await ser.start()
-                done = asyncio.Event()
-                killer = (
-                    asyncio.ensure_future(storm.killer(direct_url, done)) if cell.postgres else None
-                )
-                await asyncio.gather(*(storm.writer(w) for w in range(WRITERS)))
-                await asyncio.gather(*storm.waiters, return_exceptions=True)
-                done.set()
-                if killer is not None:
-                    await killer
-                # Nothing may be left behind by the storm, before anyone closes.
-                leftovers = await pg_leftovers(direct)
-                stats = [ser.stats() for ser in sers]
-        finally:
-            for ser in sers:
-                await ser.close()
-        await check(cell, storm, direct, leftovers, stats)
-        gc.collect()
-        await asyncio.sleep(0)
-        gc.collect()
-        assert never.messages == [], never.messages
+                    await ser.close()
+            await check(cell, storm, direct, leftovers, stats)
+        assert reported == [], reported
     finally:
-        asyncio_logger.removeHandler(never)
         await direct.dispose()
 
 

@@ -13,12 +13,8 @@ checks the writes' outcomes against the database.
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
@@ -34,6 +30,7 @@ from ._db import (
     create_tables,
     increment,
     ledger,
+    loop_reports,
     pg_leftovers,
     quietly,
     record,
@@ -44,49 +41,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 APP = "wt-orphans"
 UNDER_TEST: dict[str, Any] = {"connect_args": {"server_settings": {"application_name": APP}}}
-
-
-class _Reports(logging.Handler):
-    """What asyncio logs about futures and tasks nobody awaited."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text_ = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text_ += f": {record.exc_info[1]!r}"
-        self.messages.append(text_)
-
-
-@contextmanager
-def loop_reports() -> Iterator[list[str]]:
-    """Everything the running loop's exception handler and the "asyncio" logger report.
-
-    Futures are reported when they are collected: garbage is collected before the
-    list is final, so an orphan that is only reachable from a cycle shows up too.
-    """
-    loop = asyncio.get_running_loop()
-    seen: list[str] = []
-
-    def on_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        seen.append(f"{context.get('message')}: {exc!r}")
-
-    handler = _Reports()
-    logger = logging.getLogger("asyncio")
-    logger.addHandler(handler)
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(on_exception)
-    try:
-        yield seen
-        gc.collect()
-        gc.collect()
-    finally:
-        loop.set_exception_handler(previous)
-        logger.removeHandler(handler)
-        seen.extend(handler.messages)
 
 
 def _verify(url: str) -> Any:
