@@ -352,6 +352,8 @@ class PostgresDialect(Dialect):
 
     #: The lock query as asyncpg takes it: one prepared statement for every key.
     _LOCK_SQL = "SELECT pg_advisory_xact_lock($1), txid_current()"
+    #: Where the lock was taken before BEGIN (see begin()).
+    _TXID_SQL = "SELECT txid_current()"
 
     #: Isolation levels whose transaction snapshot is fixed by the first statement.
     _SNAPSHOT_LEVELS = frozenset({"repeatable_read", "serializable"})
@@ -382,13 +384,31 @@ class PostgresDialect(Dialect):
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
     ) -> int | None:
+        """BEGIN with the key's lock, and the transaction id, in as few messages as can be.
+
+        At READ COMMITTED the lock (``pg_advisory_xact_lock``) travels in BEGIN's
+        own message. At REPEATABLE READ and SERIALIZABLE the transaction's
+        snapshot is fixed by its first statement when that statement starts: a
+        lock taken inside the transaction would take the snapshot and then wait,
+        and the write would run after the previous holder's COMMIT but see the
+        database as it was before it. There the lock is a session lock, taken
+        outside any transaction before BEGIN goes out; :meth:`release` unlocks it
+        when the transaction has ended, before the connection serves anyone else.
+        A connection that dies holding it loses it with its session.
+        """
         if self.coordination != "advisory":
             return None  # BEGIN goes out with the write's first statement
         lock = _lock_id(self.namespace, key)
         adapter = _adapter(conn)
-        if adapter is not None and self._snapshot(adapter):
-            return await self._begin_after_lock(conn, adapter, lock)
+        snapshot = adapter is not None and self._snapshot(adapter)
         if adapter is None or getattr(adapter, "_transaction", True) is not None:
+            if snapshot:
+                raise ConfigurationError(
+                    "a write at REPEATABLE READ or SERIALIZABLE must take the key's lock "
+                    "before its transaction begins, and this connection is already in one; "
+                    "writeturn begins each write's transaction itself: do not begin one on "
+                    "its connection"
+                )
             # Not the adapter this was written against, or SQLAlchemy already
             # has a transaction on it: the lock as an ordinary statement.
             row = (await conn.execute(self._LOCK, {"lock_id": lock})).one()
@@ -398,10 +418,17 @@ class PostgresDialect(Dialect):
         # through SQLAlchemy costs several times the driver's own work for
         # this one row.
         await conn.begin()
+        driver = adapter.driver_connection
         statement = self._LOCK_SQL
         try:
             async with adapter._execute_mutex:
-                one = _OneMessageBegin.prepare(adapter, lock)
+                if snapshot:
+                    # Noted before it is sent: a lock granted as the write was
+                    # stopped is released all the same.
+                    conn.info[_SESSION_LOCK] = lock
+                    statement = f"SELECT pg_advisory_lock({int(lock)})"
+                    await driver.execute(statement)
+                one = _OneMessageBegin.prepare(adapter, None if snapshot else lock)
                 if one is not None:
                     statement = one.query
                     return await one.send()
@@ -409,50 +436,15 @@ class PostgresDialect(Dialect):
                 # _top_xact and SQLAlchemy's adapter._transaction agree, so
                 # COMMIT, ROLLBACK and begin_nested() work as after a lazy BEGIN.
                 await adapter._start_transaction()
-                row = await adapter.driver_connection.fetchrow(self._LOCK_SQL, lock)
-                return int(row[1])
-        except Exception as exc:
-            raise await _wrapped(conn, adapter, exc, statement) from exc
-
-    async def _begin_after_lock(self, conn: AsyncConnection, adapter: Any, lock: int) -> int:
-        """Take the key's lock first, then BEGIN: for the levels that fix a snapshot.
-
-        At REPEATABLE READ and SERIALIZABLE the transaction's snapshot is fixed by
-        its first statement when that statement starts: a ``pg_advisory_xact_lock``
-        inside the transaction would take it and then wait, and the write would
-        run after the previous holder's COMMIT but see the database as it was
-        before it. So the lock is a session lock taken outside any transaction,
-        and the transaction begins once it is held; :meth:`release` unlocks it
-        when the transaction has ended, before the connection serves anyone else.
-        A connection that dies holding it loses it with its session.
-        """
-        if getattr(adapter, "_transaction", None) is not None:
-            raise ConfigurationError(
-                "a write at REPEATABLE READ or SERIALIZABLE must take the key's lock before "
-                "its transaction begins, and this connection is already in one; writeturn "
-                "begins each write's transaction itself: do not begin one on its connection"
-            )
-        await conn.begin()  # SQLAlchemy's bookkeeping: the adapter sends nothing for it
-        driver = adapter.driver_connection
-        statement = f"SELECT pg_advisory_lock({int(lock)})"
-        try:
-            async with adapter._execute_mutex:
-                # Noted before it is sent: a lock granted as the write was stopped is
-                # released all the same.
-                conn.info[_SESSION_LOCK] = lock
-                await driver.execute(statement)
-                one = _OneMessageBegin.prepare(adapter, None)
-                if one is not None:
-                    statement = one.query
-                    return await one.send()
-                await adapter._start_transaction()
-                statement = "SELECT txid_current()"
-                return int(await driver.fetchval(statement))
+                statement = self._TXID_SQL if snapshot else self._LOCK_SQL
+                row = await driver.fetchrow(statement, *(() if snapshot else (lock,)))
+                return int(row[-1])  # the transaction id is the last column of both
         except Exception as exc:
             raise await _wrapped(conn, adapter, exc, statement) from exc
 
     def holds_lock(self, conn: AsyncConnection) -> bool:
-        return _SESSION_LOCK in conn.info
+        # Only advisory mode takes one: turn mode's hand-backs skip the lookup.
+        return self.coordination == "advisory" and _SESSION_LOCK in conn.info
 
     async def release(self, conn: AsyncConnection) -> None:
         if _SESSION_LOCK not in conn.info:
@@ -682,7 +674,7 @@ class _OneMessageBegin:
     @classmethod
     def prepare(cls, adapter: Any, lock: int | None) -> _OneMessageBegin | None:
         """The message for ``adapter``'s connection, with the lock on ``lock`` unless None
-        (a session lock was taken before: see ``PostgresDialect._begin_after_lock``)."""
+        (a session lock was taken before: see ``PostgresDialect.begin``)."""
         driver = adapter.driver_connection
         isolation = getattr(adapter, "isolation_level", "?")
         if (
