@@ -200,22 +200,12 @@ class BatchRun:
         txn = self._txn
         await txn.rollback()  # a write stopped meanwhile ended at once (see stop())
         error = txn.explain(Outcome.ROLLED_BACK, exc)
-        retry: float | None = None
-        for record in list(self._pending):
+        for record in self._pending:
             # A single write's BEGIN is part of its run (RUNNING): the batch's is
             # each of its writes' too, so each rolls back and may be retried.
             record.move(State.RUNNING)
             record.move(State.ROLLING_BACK)
-            delay = retry_delay(self._rt, record, Outcome.ROLLED_BACK, error)
-            if delay is None:
-                self._pending.remove(record)
-                record.conclude(Outcome.ROLLED_BACK, None, error)
-                continue
-            record.move(State.RETRY_WAIT)
-            retry = delay if retry is None else max(retry, delay)
-        if retry is not None:
-            await txn.finish()  # the connection goes back while the batch waits
-            await self._back_off(retry)
+        await self._end_or_retry([(r, Outcome.ROLLED_BACK, None, error) for r in self._pending])
 
     async def _failed(
         self, record: WriteRecord, exc: BaseException, ran: list[tuple[WriteRecord, Any]]
@@ -231,14 +221,7 @@ class BatchRun:
         error = txn.explain(Outcome.ROLLED_BACK, exc)
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise exc
-        delay = retry_delay(self._rt, record, Outcome.ROLLED_BACK, error)
-        if delay is None:
-            self._pending.remove(record)
-            record.conclude(Outcome.ROLLED_BACK, None, error)
-            return
-        record.move(State.RETRY_WAIT)
-        await txn.finish()  # the connection goes back while the batch waits
-        await self._back_off(delay)
+        await self._end_or_retry([(record, Outcome.ROLLED_BACK, None, error)])
 
     async def _commit(self, ran: list[tuple[WriteRecord, Any]]) -> None:
         txn = self._txn
@@ -248,18 +231,29 @@ class BatchRun:
         # COMMIT's outcome (a duplicate's row is an earlier transaction's).
         shared, shared_error = await txn.commit(own_row(r for r, _ in ran))
         shared_error = txn.explain(shared, shared_error)
-        retry: float | None = None
+        endings = []
         for record, result in ran:
             outcome, error = own_outcome(record, shared, shared_error)
+            endings.append((record, outcome, result, error))
+        await self._end_or_retry(endings)
+
+    async def _end_or_retry(
+        self, endings: list[tuple[WriteRecord, Outcome, Any, BaseException | None]]
+    ) -> None:
+        """Settle each write whose attempt ended for good, with (outcome, result, error);
+        the others (a transient failure, retries left) wait to run again, together,
+        after the longest of their back-offs, while the connection goes back."""
+        retry: float | None = None
+        for record, outcome, result, error in endings:
             delay = retry_delay(self._rt, record, outcome, error)
-            if delay is not None:  # a transient failure at COMMIT: it runs again
-                record.move(State.RETRY_WAIT)
-                retry = delay if retry is None else max(retry, delay)
+            if delay is None:
+                self._pending.remove(record)
+                record.conclude(outcome, result if outcome is Outcome.COMMITTED else None, error)
                 continue
-            self._pending.remove(record)
-            record.conclude(outcome, result if outcome is Outcome.COMMITTED else None, error)
+            record.move(State.RETRY_WAIT)
+            retry = delay if retry is None else max(retry, delay)
         if retry is not None:
-            await txn.finish()
+            await self._txn.finish()
             await self._back_off(retry)
 
     async def _back_off(self, delay: float) -> None:
