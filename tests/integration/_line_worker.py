@@ -38,6 +38,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from writeturn import WriteSerializer
 from writeturn._sqlite_queue import TicketQueue
 
+try:  # imported by the tests
+    from ._turns_worker import ready_then_wait
+except ImportError:  # run as a script: its folder is on the path
+    from _turns_worker import ready_then_wait  # type: ignore[no-redef]
+
 LINE_DDL = "CREATE TABLE line (id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, n INTEGER)"
 
 
@@ -58,15 +63,6 @@ def linger() -> NoReturn:
     """A forked child that never writes (a worker pool's, a daemon's): it outlives its parent."""
     time.sleep(60)
     os._exit(0)
-
-
-def ready_then_wait(barrier: str, limit: float = 60.0) -> None:
-    """Say this process is ready, then wait until the test creates ``barrier``."""
-    with open(f"{barrier}.ready.{os.getpid()}", "w"):
-        pass
-    deadline = time.monotonic() + limit
-    while not os.path.exists(barrier) and time.monotonic() < deadline:
-        time.sleep(0.002)
 
 
 async def write(url: str, writes: int, barrier: str) -> None:

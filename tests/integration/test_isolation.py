@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from writeturn import ConfigurationError, Outcome, WriteSerializer, migrations
 
-from ._db import pg_leftovers, quietly
+from ._db import pg_leftovers, quietly, serializer
 
 pytestmark = pytest.mark.postgres
 
@@ -57,6 +59,13 @@ async def increment(session: AsyncSession) -> int:
     return int(n) + 1
 
 
+@asynccontextmanager
+async def started(url: str, count: int, **options: Any) -> AsyncIterator[list[WriteSerializer]]:
+    """``count`` started serializers of one database (more than one: as processes would)."""
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(serializer(url, **options)) for _ in range(count)]
+
+
 async def _numbers(url: str) -> list[int]:
     engine = create_async_engine(url)
     try:
@@ -87,15 +96,9 @@ async def test_a_write_sees_every_write_committed_before_its_turn(
     pg_url: str, level: str, coordination: str, serializers: int, batch_max: int
 ) -> None:
     await _tables(pg_url)
-    sers = [
-        WriteSerializer.from_url(
-            pg_url, coordination=coordination, isolation_level=level, batch_max=batch_max
-        )
-        for _ in range(serializers)
-    ]
-    try:
-        for ser in sers:
-            await ser.start()
+    async with started(
+        pg_url, serializers, coordination=coordination, isolation_level=level, batch_max=batch_max
+    ) as sers:
         results = await _appends(sers, seed=serializers * 10 + batch_max)
         errors = [r for r in results if isinstance(r, BaseException)]
         assert errors == [], errors[:3]
@@ -105,9 +108,6 @@ async def test_a_write_sees_every_write_committed_before_its_turn(
         )
         assert sorted(results) == numbers
         assert await pg_leftovers(sers[0].engine) == (0, 0)
-    finally:
-        for ser in sers:
-            await ser.close()
 
 
 @pytest.mark.parametrize("level", SNAPSHOT_LEVELS)
@@ -115,28 +115,19 @@ async def test_a_read_modify_write_counter_fails_no_write_at_snapshot_levels(
     pg_url: str, level: str
 ) -> None:
     await _tables(pg_url)
-    sers = [WriteSerializer.from_url(pg_url, isolation_level=level) for _ in range(2)]
-    try:
-        for ser in sers:
-            await ser.start()
+    async with started(pg_url, 2, isolation_level=level) as sers:
         handles = [sers[i % 2].submit(increment, key="k") for i in range(APPENDS)]
         results = await asyncio.gather(*(quietly(h) for h in handles))
         errors = [r for r in results if isinstance(r, BaseException)]
         assert errors == [], f"{len(errors)} of {APPENDS} failed: {errors[0]!r}"
         assert sorted(results) == list(range(1, APPENDS + 1))
-    finally:
-        for ser in sers:
-            await ser.close()
 
 
 @pytest.mark.parametrize("level", SNAPSHOT_LEVELS)
 async def test_the_journal_seq_never_collides_at_snapshot_levels(pg_url: str, level: str) -> None:
     await migrations.upgrade_async(pg_url)
     await _tables(pg_url)
-    sers = [WriteSerializer.from_url(pg_url, isolation_level=level, journal=True) for _ in range(2)]
-    try:
-        for ser in sers:
-            await ser.start()
+    async with started(pg_url, 2, isolation_level=level, journal=True) as sers:
         handles = [
             sers[i % 2].submit(append_next, "k", key="k", idempotency_key=f"ik-{i}")
             for i in range(APPENDS)
@@ -146,9 +137,6 @@ async def test_the_journal_seq_never_collides_at_snapshot_levels(pg_url: str, le
         assert errors == [], errors[:3]
         assert sorted(h.seq for h in handles) == list(range(1, APPENDS + 1))
         assert await _numbers(pg_url) == list(range(1, APPENDS + 1))
-    finally:
-        for ser in sers:
-            await ser.close()
 
 
 async def test_the_server_default_level_counts_too(pg_url: str) -> None:
@@ -163,17 +151,11 @@ async def test_the_server_default_level_counts_too(pg_url: str) -> None:
             )
     finally:
         await engine.dispose()
-    sers = [WriteSerializer.from_url(pg_url) for _ in range(2)]
-    try:
-        for ser in sers:
-            await ser.start()
+    async with started(pg_url, 2) as sers:
         results = await _appends(sers, seed=7)
         errors = [r for r in results if isinstance(r, BaseException)]
         assert errors == [], errors[:3]
         assert await _numbers(pg_url) == list(range(1, APPENDS + 1))
-    finally:
-        for ser in sers:
-            await ser.close()
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -182,13 +164,7 @@ async def test_stopped_writes_leave_no_lock_at_snapshot_levels(pg_url: str, seed
     outcome is true, the numbers stay gap-free, and no lock outlives its write."""
     await _tables(pg_url)
     rnd = random.Random(seed)
-    sers = [
-        WriteSerializer.from_url(pg_url, isolation_level="SERIALIZABLE", cancel_grace=0.01)
-        for _ in range(2)
-    ]
-    try:
-        for ser in sers:
-            await ser.start()
+    async with started(pg_url, 2, isolation_level="SERIALIZABLE", cancel_grace=0.01) as sers:
         handles = []
         for i in range(60):
             timeout = rnd.choice([None, None, 0.005, 0.02])
@@ -208,9 +184,6 @@ async def test_stopped_writes_leave_no_lock_at_snapshot_levels(pg_url: str, seed
         assert all(h.outcome is not Outcome.UNKNOWN for h in handles)
         await asyncio.sleep(0.1)
         assert await pg_leftovers(sers[0].engine) == (0, 0)
-    finally:
-        for ser in sers:
-            await ser.close()
 
 
 @pytest.mark.parametrize("level", SNAPSHOT_LEVELS)
