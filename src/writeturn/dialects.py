@@ -428,6 +428,13 @@ class PostgresDialect(Dialect):
                     conn.info[_SESSION_LOCK] = lock
                     statement = f"SELECT pg_advisory_lock({int(lock)})"
                     await driver.execute(statement)
+                    if _failed_while_idle(driver):
+                        # The server ended the session as it granted the lock (its
+                        # FATAL read with the grant, the close not yet). COPY would
+                        # make its future before refusing, and the close would fail
+                        # that future unseen: closed now, the BEGIN below is refused
+                        # before anything is made or sent.
+                        driver.terminate()
                 one = _OneMessageBegin.prepare(adapter, None if snapshot else lock)
                 if one is not None:
                     statement = one.query

@@ -12,7 +12,9 @@ class CuttingProxy:
     """A TCP relay to Postgres. Once armed, it cuts the next connection that sends COMMIT:
     either before the COMMIT reaches the server ("before": the transaction never commits),
     or just after the server answered it ("after": it committed; the client never hears).
-    refuse() drops every connection and refuses new ones until accept()."""
+    refuse() drops every connection and refuses new ones until accept(). hold() keeps
+    what the server sends until release(), which delivers it in one piece: a result
+    and a FATAL error that followed it reach the client in the same read."""
 
     def __init__(self, url: str, where: str = "after") -> None:
         u = make_url(url)
@@ -26,6 +28,10 @@ class CuttingProxy:
         self.listen_port = 0
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        #: While held: per connection, what the server sent, and whether it then closed.
+        self.held: dict[asyncio.StreamWriter, tuple[bytearray, asyncio.Event]] | None = None
+        self.released = asyncio.Event()
+        self.linger = 0.0
 
     async def __aenter__(self) -> CuttingProxy:
         await self.accept()
@@ -47,6 +53,23 @@ class CuttingProxy:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
+
+    def hold(self) -> None:
+        """Keep what the server sends, on every connection, until release()."""
+        self.held, self.released = {}, asyncio.Event()
+
+    def release(self, linger: float) -> None:
+        """Deliver what was held, one write per connection; where the server closed
+        meanwhile, close the client's side ``linger`` seconds later."""
+        held, self.held = self.held or {}, None
+        for cwriter, (data, _) in held.items():
+            cwriter.write(bytes(data))
+        self.linger = linger
+        self.released.set()
+
+    def closed_while_held(self) -> int:
+        """How many held connections the server has closed."""
+        return sum(eof.is_set() for _, eof in (self.held or {}).values())
 
     @property
     def url(self) -> str:
@@ -86,7 +109,19 @@ class CuttingProxy:
                 await swriter.drain()
 
         async def down() -> None:
-            while data := await sreader.read(65536):
+            while True:
+                data = await sreader.read(65536)
+                if self.held is not None:
+                    kept, eof = self.held.setdefault(cwriter, (bytearray(), asyncio.Event()))
+                    kept += data
+                    if data:
+                        continue
+                    eof.set()
+                    await self.released.wait()
+                    await asyncio.sleep(self.linger)
+                    return
+                if not data:
+                    return
                 if committing.is_set():
                     cut()  # COMMIT's answer: the server committed; drop it on the floor
                     return

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from writeturn import Outcome, WriteHandle
+from writeturn.dialects import lock_id
 
 from ._db import (
     counter,
@@ -36,6 +37,7 @@ from ._db import (
     record,
     serializer,
 )
+from ._proxy import PROXIED, CuttingProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -193,10 +195,10 @@ async def test_backends_terminated_under_writes_leave_nothing_for_asyncio_to_rep
     assert reports == [], f"{len(reports)} reports, e.g. {reports[:3]}"
 
 
-async def _killer(url: str, rnd: random.Random, stop: asyncio.Event) -> int:
-    """Terminate one of the serializer's backends at random moments; return how many."""
+async def _connect(url: str) -> asyncpg.Connection:
+    """A connection of the test's own, straight to the server."""
     u = make_url(url)
-    conn = await asyncpg.connect(
+    return await asyncpg.connect(
         host=u.host or "127.0.0.1",
         port=u.port or 5432,
         user=u.username or "postgres",
@@ -204,6 +206,11 @@ async def _killer(url: str, rnd: random.Random, stop: asyncio.Event) -> int:
         database=u.database,
         timeout=5,
     )
+
+
+async def _killer(url: str, rnd: random.Random, stop: asyncio.Event) -> int:
+    """Terminate one of the serializer's backends at random moments; return how many."""
+    conn = await _connect(url)
     killed = 0
     try:
         while not stop.is_set():
@@ -214,3 +221,66 @@ async def _killer(url: str, rnd: random.Random, stop: asyncio.Event) -> int:
     finally:
         await conn.close()
     return killed
+
+
+# -- 3. a session ended just as its key's session lock was granted ------------------------
+
+HELD_KEY = "held"
+WAITING_FOR_THE_LOCK = (
+    "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+)
+GRANTED_AND_IDLE = "SELECT pid FROM pg_stat_activity WHERE pid = $1 AND state = 'idle'"
+
+
+async def test_a_session_ended_as_its_lock_is_granted_leaves_nothing_for_asyncio_to_report(
+    pg_url: str,
+) -> None:
+    # At REPEATABLE READ the key's lock is a session lock taken before BEGIN. Here
+    # the server grants it and, before the client has read the grant, ends the
+    # session: the relay hands the client the grant and the FATAL error in one
+    # read, and the socket's close a moment later. The write must go on from a
+    # fresh connection, with no orphaned driver future left behind.
+    blocker = await _connect(pg_url)
+    with loop_reports() as reports:
+        async with CuttingProxy(pg_url) as proxy:
+            async with serializer(
+                proxy.url,
+                coordination="advisory",
+                batch_max=1,
+                isolation_level="REPEATABLE READ",
+                connect_args={
+                    **PROXIED["connect_args"],
+                    "server_settings": {"application_name": APP},
+                },
+            ) as ser:
+                await create_tables(ser.engine, HELD_KEY)
+                await blocker.execute(
+                    "SELECT pg_advisory_lock($1)", lock_id(ser.namespace, HELD_KEY)
+                )
+                h = ser.submit(_write, HELD_KEY, "w", 0, key=HELD_KEY, writer="w")
+                pid = await _until(blocker, WAITING_FOR_THE_LOCK, APP)
+                proxy.hold()
+                await blocker.execute("SELECT pg_advisory_unlock_all()")
+                await _until(blocker, GRANTED_AND_IDLE, pid)
+                assert await blocker.fetchval("SELECT pg_terminate_backend($1)", pid)
+                for _ in range(500):
+                    if proxy.closed_while_held():
+                        break
+                    await asyncio.sleep(0.01)
+                assert proxy.closed_while_held() == 1
+                proxy.release(linger=0.3)
+                assert await asyncio.wait_for(h, 30) is None
+                outcomes = await _check_outcomes(pg_url, {("w", 0): h})
+    await blocker.close()
+    assert outcomes == Counter({Outcome.COMMITTED: 1})
+    assert reports == [], reports
+
+
+async def _until(conn: asyncpg.Connection, query: str, arg: Any) -> Any:
+    """The first value ``query`` returns, asked every 10 ms for up to 5 s."""
+    for _ in range(500):
+        value = await conn.fetchval(query, arg)
+        if value is not None:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"nothing from {query!r} ({arg!r}) in 5 s")
