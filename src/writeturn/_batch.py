@@ -38,9 +38,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ._attempt import Attempt
 from ._guard import GuardedTask
-from ._runtime import GATE_KEY, HELD, Runtime
-from ._transaction import Transaction, call_function, own_outcome, own_row, retry_delay
+from ._runtime import Runtime
+from ._transaction import Transaction, retry_delay
+from ._turn import TurnHold
 from ._write import State, WriteRecord
 from .outcome import Outcome
 
@@ -50,7 +52,7 @@ __all__ = ["BatchRun"]
 class BatchRun:
     """Runs one batch of writes of a key, from its window to the hand-over of the turn."""
 
-    __slots__ = ("_rt", "_key", "_pending", "_current", "_txn", "_task", "_gate_held", "_started")
+    __slots__ = ("_rt", "_key", "_pending", "_current", "_txn", "_task", "_hold", "_started")
 
     def __init__(self, rt: Runtime, leader: WriteRecord) -> None:
         self._rt = rt
@@ -60,7 +62,7 @@ class BatchRun:
         self._pending: list[WriteRecord] = [leader]
         self._current: WriteRecord | None = None  # the write whose function runs now
         self._txn = Transaction(rt, leader.key, owns_task=True)
-        self._gate_held = False
+        self._hold = TurnHold.of_batch(rt, leader.key)
         self._started = False
         loop = asyncio.get_running_loop()
         self._task = GuardedTask(self._run(), loop=loop, context=leader.context)
@@ -88,13 +90,12 @@ class BatchRun:
 
     async def _run(self) -> None:
         self._started = True
-        rt, txn = self._rt, self._txn
-        HELD.set((*HELD.get(), (rt, self._key, self._task)))
+        txn, hold = self._txn, self._hold
+        hold.mark(self._task)
         try:
             await self._gather()
-            if rt.gate is not None and self._pending:
-                await rt.gate.acquire(GATE_KEY)
-                self._gate_held = True
+            if self._pending:
+                await hold.take_gate()
             while self._pending:
                 await self._attempt()
         except BaseException as exc:
@@ -114,10 +115,7 @@ class BatchRun:
                 raise
         finally:
             await txn.finish()
-            if self._gate_held:
-                assert rt.gate is not None
-                rt.gate.release(GATE_KEY)
-            rt.release(self._key)
+            hold.release()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if self._started:
@@ -127,7 +125,7 @@ class BatchRun:
         for record in self._pending:
             record.conclude(record.unbegun_outcome, None, asyncio.CancelledError())
         self._pending.clear()
-        self._rt.release(self._key)
+        self._hold.release()
 
     async def _gather(self) -> None:
         """Claim the next writes in line; wait ``batch_window`` for more only where
@@ -156,12 +154,12 @@ class BatchRun:
     async def _attempt(self) -> None:
         """One transaction over the writes still pending; settles what it can."""
         txn = self._txn
-        await txn.connect()
-        txn.resume()
+        attempt = Attempt(txn)
+        await attempt.connect()
         if not self._pending:
             return
         try:
-            await txn.begin(self._deadline())
+            await attempt.begin(self._deadline())
         except Exception as exc:  # a stop (CancelledError) ends the batch in _run
             await self._begin_failed(exc)
             return
@@ -174,23 +172,17 @@ class BatchRun:
             txn.resume()
             record.move(State.RUNNING)
             try:
-                await txn.record_journal(record)
-                result = await call_function(record, session)
-                # Flush now, so a failing statement is this write's failure.
-                await txn.flush()
-                if txn.stopped:
-                    raise asyncio.CancelledError
+                result = await attempt.run(record, session)
             except BaseException as exc:
                 self._current = None
-                record.move(State.ROLLING_BACK)
-                await txn.rollback()
-                await self._failed(record, exc, ran)
+                _, error = await attempt.abandon(record, exc)
+                await self._failed(record, exc, error, ran)
                 return
             self._current = None
             record.move(State.RAN)
             ran.append((record, result))
         if ran:
-            await self._commit(ran)
+            await self._commit(attempt, ran)
         else:  # every write was stopped while an earlier one ran
             await txn.rollback()
 
@@ -208,34 +200,32 @@ class BatchRun:
         await self._end_or_retry([(r, Outcome.ROLLED_BACK, None, error) for r in self._pending])
 
     async def _failed(
-        self, record: WriteRecord, exc: BaseException, ran: list[tuple[WriteRecord, Any]]
+        self,
+        record: WriteRecord,
+        exc: BaseException,
+        error: BaseException | None,
+        ran: list[tuple[WriteRecord, Any]],
     ) -> None:
-        """``record`` failed and the transaction was rolled back: the others run again."""
-        txn = self._txn
+        """``record`` failed with ``exc`` (ending with ``error``) and the transaction was
+        rolled back: the others run again."""
         for other, _ in ran:
             if other.stop is not None:  # a stop noted while it waited ends it now
                 self._pending.remove(other)
                 other.conclude(Outcome.ROLLED_BACK, None, asyncio.CancelledError())
             else:
                 other.move(State.GRANTED)
-        error = txn.explain(Outcome.ROLLED_BACK, exc)
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise exc
         await self._end_or_retry([(record, Outcome.ROLLED_BACK, None, error)])
 
-    async def _commit(self, ran: list[tuple[WriteRecord, Any]]) -> None:
-        txn = self._txn
-        for record, _ in ran:
-            record.move(State.COMMITTING)
-        # The writes share one fate: a journal row one of them inserted tells a lost
-        # COMMIT's outcome (a duplicate's row is an earlier transaction's).
-        shared, shared_error = await txn.commit(own_row(r for r, _ in ran))
-        shared_error = txn.explain(shared, shared_error)
-        endings = []
-        for record, result in ran:
-            outcome, error = own_outcome(record, shared, shared_error)
-            endings.append((record, outcome, result, error))
-        await self._end_or_retry(endings)
+    async def _commit(self, attempt: Attempt, ran: list[tuple[WriteRecord, Any]]) -> None:
+        outcomes = await attempt.commit([record for record, _ in ran])
+        await self._end_or_retry(
+            [
+                (record, outcome, result, error)
+                for (record, result), (outcome, error) in zip(ran, outcomes, strict=True)
+            ]
+        )
 
     async def _end_or_retry(
         self, endings: list[tuple[WriteRecord, Outcome, Any, BaseException | None]]

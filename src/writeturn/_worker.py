@@ -1,23 +1,25 @@
 """Running one write: a submitted write on a task of its own, or a ``transaction()`` block.
 
-Both drive a :class:`~writeturn._write.WriteRecord` through the same steps of
-a :class:`~writeturn._transaction.Transaction`, and both end the same way:
-the transaction ends (COMMIT or ROLLBACK acknowledged, or the connection
-discarded), the connection goes back, SQLite's gate and then the key's turn
-are handed on, and only then is the write settled (guarantee 4).
+Both drive a :class:`~writeturn._write.WriteRecord` through the steps of an
+:class:`~writeturn._attempt.Attempt`, and both end the same way: the
+transaction ends (COMMIT or ROLLBACK acknowledged, or the connection
+discarded), the connection goes back, the :class:`~writeturn._turn.TurnHold`
+hands SQLite's gate and then the key's turn on, and only then is the write
+settled (guarantee 4).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from types import TracebackType
 from typing import Any, NoReturn
 
+from ._attempt import Attempt
 from ._guard import GuardedTask
-from ._runtime import GATE_KEY, HELD, Runtime
+from ._runtime import Runtime
 from ._session import WriteSession
-from ._transaction import Transaction, call_function, own_outcome, own_row, retry_delay
+from ._transaction import Transaction, retry_delay
+from ._turn import TurnHold
 from ._write import State, Stop, WriteRecord
 from .errors import ConfigurationError, OutcomeUnknown
 from .outcome import Outcome
@@ -67,13 +69,13 @@ class SingleRun:
     after ``cancel_grace``.
     """
 
-    __slots__ = ("_rt", "_record", "_task", "_txn", "_gate_held")
+    __slots__ = ("_rt", "_record", "_task", "_txn", "_hold")
 
     def __init__(self, rt: Runtime, record: WriteRecord) -> None:
         self._rt = rt
         self._record = record
         self._txn: Transaction | None = None
-        self._gate_held = False
+        self._hold = TurnHold.of_write(rt, record)
         record.runner = self
         loop = asyncio.get_running_loop()
         self._task = GuardedTask(self._run(), loop=loop, context=record.context)
@@ -88,11 +90,9 @@ class SingleRun:
 
     async def _run(self) -> None:
         rt, record = self._rt, self._record
-        HELD.set((*HELD.get(), (rt, record.key, self._task)))
+        self._hold.mark(self._task)
         try:
-            if rt.gate is not None:
-                await rt.gate.acquire(GATE_KEY)  # a stop here withdraws from the gate's line
-                self._gate_held = True
+            await self._hold.take_gate()  # a stop here withdraws from the gate's line
             # An earlier attempt whose COMMIT's fate is unknown: until a later attempt's
             # journal row tells (a retry after UNKNOWN has an idempotency key), the
             # write may have committed, whatever became of the later attempts.
@@ -117,36 +117,22 @@ class SingleRun:
                     ending = _still_unknown(record.key, unknown.error, ending)
         except BaseException as exc:  # stopped before it began, or the gate's wait failed
             ending = _Ending(record.unbegun_outcome, None, exc)
-        self._end(ending)
+        self._txn = None
+        self._hold.release()
+        record.conclude(ending.outcome, ending.result, ending.error)
         if isinstance(ending.error, _PASS_THROUGH):
             raise ending.error
 
     async def _attempt(self) -> _Ending:
         rt, record = self._rt, self._record
         txn = self._txn = Transaction(rt, record.key, owns_task=True)
-        journaled = False
+        attempt = Attempt(txn)
         try:
-            if record.stop is not None:
-                raise asyncio.CancelledError  # stopped while it waited for the gate
-            await txn.connect()
-            record.move(State.RUNNING)
-            await txn.begin(record.deadline)
-            await txn.record_journal(record)
-            journaled = record.idempotency_key is not None
-            result = await call_function(record, txn.session())
-            await txn.flush()
-            if txn.stopped:
-                raise asyncio.CancelledError
+            result = await attempt.run(record, await attempt.open(record))
         except BaseException as exc:
-            if record.state is not State.RUNNING:  # nothing began
-                await txn.finish()
-                return _Ending(record.unbegun_outcome, None, exc)
-            record.move(State.ROLLING_BACK)
-            await txn.rollback()
-            error = txn.explain(Outcome.ROLLED_BACK, exc)
+            outcome, error = await attempt.abandon(record, exc)
             await txn.finish()
-            return _Ending(Outcome.ROLLED_BACK, None, error, journaled=journaled)
-        record.move(State.COMMITTING)
+            return _Ending(outcome, None, error, journaled=attempt.journaled)
         if (
             rt.dialect.lock_orders_next
             and record.attempts >= record.retries
@@ -159,23 +145,11 @@ class SingleRun:
             # connection at once (else it would wait for this one anyway, and
             # could meet the pool's timeout).
             assert rt.gate is None
-            record.release_turn()
-        outcome, error = await txn.commit(own_row((record,)))
-        outcome, error = own_outcome(record, outcome, txn.explain(outcome, error))
+            self._hold.pass_turn()
+        ((outcome, error),) = await attempt.commit((record,))
         await txn.finish()
         committed = outcome is Outcome.COMMITTED
-        return _Ending(outcome, result if committed else None, error, journaled=journaled)
-
-    def _end(self, ending: _Ending) -> None:
-        rt, record = self._rt, self._record
-        self._txn = None
-        if self._gate_held:
-            assert rt.gate is not None
-            rt.gate.release(GATE_KEY)
-            self._gate_held = False
-        if record.holds_turn:  # it may have passed on as its COMMIT went out
-            record.release_turn()
-        record.conclude(ending.outcome, ending.result, ending.error)
+        return _Ending(outcome, result if committed else None, error, journaled=attempt.journaled)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         record = self._record
@@ -184,7 +158,7 @@ class SingleRun:
         # Cancelled before its first step, the task ran no code: the turn it
         # was granted is still held. Pass it on; the write never began.
         assert record.state is State.GRANTED, f"{record!r} left unsettled by its task"
-        record.release_turn()
+        self._hold.release()
         record.conclude(Outcome.WITHDRAWN, None, asyncio.CancelledError())
 
 
@@ -206,8 +180,8 @@ class TransactionContext:
         "_entry",
         "_sent",
         "_txn",
-        "_token",
-        "_gate_held",
+        "_attempt",
+        "_hold",
         "_entered",
     )
 
@@ -220,8 +194,8 @@ class TransactionContext:
         self._entry = 0  # the task's cancel count when the block was entered
         self._sent = 0  # cancels writeturn itself sent to the task
         self._txn: Transaction | None = None
-        self._token: contextvars.Token[Any] | None = None
-        self._gate_held = False
+        self._attempt: Attempt | None = None
+        self._hold: TurnHold | None = None  # from the grant on
         self._entered = False
 
     # -- the Runner interface ------------------------------------------------------
@@ -276,11 +250,13 @@ class TransactionContext:
             if record.state is not State.DONE:
                 record.request_stop(Stop.CANCEL)  # QUEUED: withdrawn and settled
             if record.state is State.GRANTED:  # granted as it was cancelled: pass it on
+                self._hold = TurnHold.of_write(rt, record)
                 self._end(Outcome.WITHDRAWN, exc)
             raise self._raising(exc) from None
         if record.state is State.DONE:  # stopped while queued (timeout, close, cancel)
             raise self._raising(None)
-        self._token = HELD.set((*HELD.get(), (rt, record.key, task)))
+        hold = self._hold = TurnHold.of_write(rt, record)
+        hold.mark(task)
         txn = self._txn = Transaction(
             rt,
             record.key,
@@ -288,33 +264,22 @@ class TransactionContext:
             on_cancel=self._on_task_cancel,
             cancel_pending=self._cancel_pending,
         )
+        attempt = self._attempt = Attempt(txn)
         try:
-            if rt.gate is not None:
-                await rt.gate.acquire(GATE_KEY)
-                self._gate_held = True
-            if record.stop is not None or txn.stopped:
-                raise asyncio.CancelledError
-            await txn.connect()
-            record.move(State.RUNNING)
-            await txn.begin(record.deadline)
-            await txn.record_journal(record)
-            return txn.session()
+            await hold.take_gate()
+            session = await attempt.open(record)
+            await attempt.journal(record)
+            return session
         except BaseException as exc:
             await self._fail(exc)
 
     async def _fail(self, exc: BaseException) -> NoReturn:
         """The block never ran: end the write and raise what it ends with."""
-        record, txn = self._record, self._txn
-        assert txn is not None
-        if record.state is State.RUNNING:
-            record.move(State.ROLLING_BACK)
-            await txn.rollback()
-            error = txn.explain(Outcome.ROLLED_BACK, exc)
-            await txn.finish()
-            self._end(Outcome.ROLLED_BACK, error)
-        else:
-            await txn.finish()
-            self._end(record.unbegun_outcome, exc)
+        record, txn, attempt = self._record, self._txn, self._attempt
+        assert txn is not None and attempt is not None
+        outcome, error = await attempt.abandon(record, exc)
+        await txn.finish()
+        self._end(outcome, error)
         final = self._raising(exc)
         if final is exc:
             raise exc
@@ -328,8 +293,8 @@ class TransactionContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        record, txn, task = self._record, self._txn, self._task
-        assert txn is not None and task is not None
+        record, txn, attempt, task = self._record, self._txn, self._attempt, self._task
+        assert txn is not None and attempt is not None and task is not None
         if record.stop is None and (
             isinstance(exc, asyncio.CancelledError) or self._cancel_pending()
         ):
@@ -340,14 +305,11 @@ class TransactionContext:
             except BaseException as flush_error:
                 exc = flush_error
         if exc is None and not txn.stopped and record.stop is None:
-            record.move(State.COMMITTING)
-            outcome, error = await txn.commit(own_row((record,)))
-            error = txn.explain(outcome, error)
+            ((outcome, error),) = await attempt.commit((record,))
         else:
-            record.move(State.ROLLING_BACK)
-            await txn.rollback()
-            outcome = Outcome.ROLLED_BACK
-            error = txn.explain(outcome, exc if exc is not None else asyncio.CancelledError())
+            outcome, error = await attempt.abandon(
+                record, exc if exc is not None else asyncio.CancelledError()
+            )
         await txn.finish()
         self._end(outcome, error)
         final = self._final(exc)
@@ -356,17 +318,9 @@ class TransactionContext:
         raise final from final.__cause__
 
     def _end(self, outcome: Outcome, error: BaseException | None) -> None:
-        rt, record = self._rt, self._record
-        if self._gate_held:
-            assert rt.gate is not None
-            rt.gate.release(GATE_KEY)
-            self._gate_held = False
-        if record.holds_turn:
-            record.release_turn()
-        if self._token is not None:
-            HELD.reset(self._token)
-            self._token = None
-        record.conclude(outcome, None, error)
+        assert self._hold is not None
+        self._hold.release()
+        self._record.conclude(outcome, None, error)
 
     def _raising(self, raised: BaseException | None) -> BaseException:
         """The exception a block that did not commit raises."""
