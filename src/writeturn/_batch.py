@@ -58,7 +58,7 @@ class BatchRun:
         self._rt = rt
         self._key = leader.key
         leader.transfer_turn()
-        leader.runner = self
+        leader.run_by(self)
         self._pending: list[WriteRecord] = [leader]
         self._current: WriteRecord | None = None  # the write whose function runs now
         self._txn = Transaction(rt, leader.key, owns_task=True)
@@ -141,7 +141,7 @@ class BatchRun:
         for waiter in rt.turns.claim(self._key, limit, accept=_batchable):
             assert isinstance(waiter, WriteRecord)
             waiter.granted()
-            waiter.runner = self
+            waiter.run_by(self)
             self._pending.append(waiter)
 
     def _deadline(self) -> float | None:

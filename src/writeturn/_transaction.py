@@ -349,7 +349,7 @@ class Transaction:
                     self._conn(), opts.namespace, record.key, record.idempotency_key, writer
                 )
             )
-            record.seq, record.duplicate = entry.seq, entry.duplicate
+            record.journaled_as(entry.seq, entry.duplicate)
 
     async def flush(self) -> None:
         """Send the session's pending ORM changes: still the write function's work."""
@@ -680,12 +680,12 @@ def retry_delay(
             return None
     elif outcome is not Outcome.ROLLED_BACK or not rt.dialect.is_transient(_root(error)):
         return None
-    record.attempts += 1
-    delay = rt.options.retry_backoff * 2 ** (record.attempts - 1)
+    attempt = record.count_attempt()
+    delay = rt.options.retry_backoff * 2 ** (attempt - 1)
     log.info(
         "writeturn: retrying the write on key %r (attempt %d of %d) in %.3fs after %s",
         record.key,
-        record.attempts,
+        attempt,
         record.retries,
         delay,
         type(error).__name__,

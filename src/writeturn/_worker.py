@@ -76,7 +76,7 @@ class SingleRun:
         self._record = record
         self._txn: Transaction | None = None
         self._hold = TurnHold.of_write(rt, record)
-        record.runner = self
+        record.run_by(self)
         loop = asyncio.get_running_loop()
         self._task = GuardedTask(self._run(), loop=loop, context=record.context)
         self._task.add_done_callback(self._done)
@@ -237,7 +237,7 @@ class TransactionContext:
         task = asyncio.current_task()
         assert task is not None
         self._task, self._entry = task, task.cancelling()
-        record.runner = self
+        record.run_by(self)
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         record.add_waiter(granted)
         rt.enter(record)

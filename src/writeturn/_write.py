@@ -166,13 +166,14 @@ class WriteRecord(Waiter):
         idempotency_key: str | None = None,
         journaled: bool = False,
         retries: int = 0,
+        context: contextvars.Context | None = None,
     ) -> None:
         super().__init__(writer)
         self.key = key
         self.fn = fn  # None for a transaction() block: the caller's code is the function
         self.args = args
         self.kwargs = kwargs
-        self.context: contextvars.Context | None = None
+        self.context = context  # the submitter's, copied: the function runs in it
         self.timeout = timeout
         self.deadline: float | None = None  # event-loop time the timeout expires
         self.idempotency_key = idempotency_key
@@ -226,6 +227,20 @@ class WriteRecord(Waiter):
         self._counters.waits.append(now - self._since)
         self._since = now
         self.move(State.GRANTED)
+
+    def run_by(self, runner: Runner) -> None:
+        """``runner`` runs the write from now on: it is told of a stop (see Runner)."""
+        self.runner = runner
+
+    def journaled_as(self, seq: int, duplicate: bool) -> None:
+        """Its journal row: ``seq``, and whether an earlier write with its idempotency key
+        had committed already (a duplicate, whose function does not run)."""
+        self.seq, self.duplicate = seq, duplicate
+
+    def count_attempt(self) -> int:
+        """Another attempt is to be made after a transient failure; the count so far."""
+        self.attempts += 1
+        return self.attempts
 
     def release_turn(self) -> None:
         """Hand the key's turn on; only the write holding it may, and only once."""

@@ -414,9 +414,17 @@ class WriteSerializer:
         default, or bind it with ``functools.partial``).
         """
         _check_write_function(fn)
-        record = self._new_record(fn, args, kwargs or None, key, writer, timeout, idempotency_key)
-        record.retries = self._rt.options.retries if retries is None else check_retries(retries)
-        record.context = contextvars.copy_context()
+        record = self._new_record(
+            fn,
+            args,
+            kwargs or None,
+            key,
+            writer,
+            timeout,
+            idempotency_key,
+            self._rt.options.retries if retries is None else check_retries(retries),
+            contextvars.copy_context(),
+        )
         self._rt.enter(record)
         record.arm(on_grant=self._on_grant)
         if self._rt.turns.enqueue(record.key, record):
@@ -548,6 +556,8 @@ class WriteSerializer:
         writer: object,
         timeout: object,
         idempotency_key: object,
+        retries: int = 0,
+        context: contextvars.Context | None = None,
     ) -> WriteRecord:
         rt = self._rt
         if rt.state != "started":
@@ -578,6 +588,8 @@ class WriteSerializer:
             timeout=seconds,
             idempotency_key=ik,
             journaled=rt.options.journal or ik is not None,
+            retries=retries,
+            context=context,
         )
 
     def _check_reentrant(self, key: str) -> None:
