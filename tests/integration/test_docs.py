@@ -155,6 +155,22 @@ def test_every_page_renders(site: Path, page: str) -> None:
     assert not rendered.glued, (page, rendered.glued)
 
 
+def guarantee_names(path: Path) -> list[str]:
+    """The bold names of a page's numbered guarantees, in order."""
+    found = re.findall(r"^\d+\. \*\*(.+?)\*\*", path.read_text(), re.M)
+    return [name.rstrip(".") for name in found]
+
+
+def test_the_short_guarantees_are_the_guarantees_page_in_order() -> None:
+    """The Home page (and the README, its copy) lists the guarantees in one line each:
+    the same ones, numbered as the page that states them in full."""
+    full = guarantee_names(DOCS / "guarantees.md")
+    assert len(full) == 8, full
+    assert guarantee_names(DOCS / "index.md") == full
+    home = (DOCS / "index.md").read_text()
+    assert "](guarantees.md)" in home
+
+
 def test_the_benchmark_plots_are_shown(site: Path) -> None:
     page = built(site, "benchmarks.md")
     rendered = Page(page)
