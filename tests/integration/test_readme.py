@@ -1,6 +1,6 @@
-"""The README runs: its first example as a pasted script, every other Python block in
-order against a real database (SQLite, and Postgres), and its command lines against the
-real command-line tools.
+"""The README runs: its first example as a pasted script, and every other Python block in
+order against a real database (SQLite, and Postgres). Its command lines are those of the
+site's pages, which ``test_docs`` checks against the real command-line tools.
 
 The blocks share one namespace, as in a reader's session; the names they may use without
 defining them are listed in ``_blocks``, whose runner the documentation site's test uses
@@ -9,13 +9,10 @@ too.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from writeturn import Outcome
 from writeturn.alembic_env import include_name, include_object
@@ -71,68 +68,3 @@ async def test_every_python_block_runs(db_url: str, tmp_path: Path, monkeypatch:
             await conn.rollback()
         assert env.migrations_run == 1
         assert len(ran) == len(blocks("python")) - 1
-
-
-def _flags_of(line: str) -> list[str]:
-    return re.findall(r"(--[a-z][a-z-]*)", line.split("#")[0])
-
-
-@pytest.mark.parametrize(
-    "line",
-    [ln for _, code in blocks("sh") for ln in code.splitlines() if ln.startswith("writeturn ")],
-)
-def test_the_command_lines_match_the_tools(line: str) -> None:
-    words = line.split("#")[0].split()
-    command = words[1]
-    if command == "--version":
-        args = [command]
-    else:
-        args = [command, "--help"]
-    done = subprocess.run(
-        [sys.executable, "-m", "writeturn", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    if command == "--version":
-        assert re.fullmatch(r"writeturn \S+\n", done.stdout), done.stdout
-        return
-    if command == "migrate":  # its actions, then each action's flags
-        actions = re.findall(r"\b(upgrade|downgrade|current|history)\b", line)
-        assert actions
-        for action in actions:
-            sub = subprocess.run(
-                [sys.executable, "-m", "writeturn", "migrate", action, "--help"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert sub.returncode == 0, sub.stderr
-            for flag in _flags_of(line):
-                assert flag in sub.stdout, (action, flag)
-        return
-    for flag in _flags_of(line):
-        assert flag in done.stdout, flag
-
-
-def test_the_alembic_line_runs_from_the_repository_root(tmp_path: Path) -> None:
-    (line,) = [
-        ln for _, code in blocks("sh") for ln in code.splitlines() if ln.startswith("alembic")
-    ]
-    words = line.split("#")[0].split()
-    db = tmp_path / "app.db"
-    words = [w.replace("sqlite:///app.db", f"sqlite:///{db}") for w in words]
-    alembic = Path(sys.executable).with_name("alembic")
-    done = subprocess.run(
-        [str(alembic), *words[1:]],
-        cwd=README.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert db.exists()
