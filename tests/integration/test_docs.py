@@ -19,35 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import writeturn
 from writeturn import Outcome, WriteHandle, WriteSerializer
 from writeturn.alembic_env import include_name, include_object
 
-from ._blocks import ROOT, balance_of, blocks, reader_namespace, run_blocks
+from ._blocks import (
+    DOCS,
+    PAGES,
+    ROOT,
+    balance_of,
+    blocks,
+    guarantee_names,
+    reader_namespace,
+    run_blocks,
+)
 
-DOCS = ROOT / "docs"
 PUBLIC_MODULES = ("asgi", "testing", "metrics", "migrations", "alembic_env")
-
-
-def nav_pages() -> list[str]:
-    """The Markdown files the navigation lists, in its order."""
-    found: list[str] = []
-
-    def walk(items: list[Any]) -> None:
-        for item in items:
-            for value in item.values() if isinstance(item, dict) else [item]:
-                if isinstance(value, list):
-                    walk(value)
-                else:
-                    found.append(value)
-
-    walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
-    return found
-
-
-PAGES = nav_pages()
 
 
 class Page(HTMLParser):
@@ -154,12 +142,6 @@ def test_every_page_renders(site: Path, page: str) -> None:
     assert "```" not in rendered.text, page
     assert not re.search(r"\]\((?!\s)[^)]*\.md", rendered.text), page
     assert not rendered.glued, (page, rendered.glued)
-
-
-def guarantee_names(path: Path) -> list[str]:
-    """The bold names of a page's numbered guarantees, in order."""
-    found = re.findall(r"^\d+\. \*\*(.+?)\*\*", path.read_text(), re.M)
-    return [name.rstrip(".") for name in found]
 
 
 def test_the_short_guarantees_are_the_guarantees_page_in_order() -> None:
