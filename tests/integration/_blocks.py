@@ -1,5 +1,6 @@
-"""Fenced code blocks of the Markdown documentation (the README, the pages under docs/), and
-the runner that executes their Python blocks against a real database.
+"""Fenced code blocks of the Markdown documentation (the README, the pages under docs/), the
+site's pages in the order of its navigation, and the runner that executes their Python
+blocks against a real database.
 
 The blocks of one document share one namespace, as in a reader's session, and may use
 these names without defining them: ``url`` and ``DATABASE_URL`` (the test database,
@@ -23,11 +24,38 @@ from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import yaml
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
+
+
+def nav_pages() -> list[str]:
+    """The Markdown files the navigation lists, in its order."""
+    found: list[str] = []
+
+    def walk(items: list[Any]) -> None:
+        for item in items:
+            for value in item.values() if isinstance(item, dict) else [item]:
+                if isinstance(value, list):
+                    walk(value)
+                else:
+                    found.append(value)
+
+    walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    return found
+
+
+PAGES = nav_pages()
+
+
+def guarantee_names(path: Path) -> list[str]:
+    """The bold names of a page's numbered guarantees, in order."""
+    found = re.findall(r"^\d+\. \*\*(.+?)\*\*", path.read_text(), re.M)
+    return [name.rstrip(".") for name in found]
 
 
 def blocks(path: Path, lang: str) -> list[tuple[int, str]]:

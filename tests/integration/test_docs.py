@@ -1,8 +1,9 @@
 """The documentation site: it builds with ``mkdocs build --strict`` and prints no warning,
 every page of its navigation renders what its Markdown holds (headings, code blocks,
-tables, the benchmark plots, the API reference with signatures and docstrings), and
-every Python block on every page runs against a real database (SQLite, and Postgres),
-with the README's block runner.
+tables, the benchmark plots, the API reference with signatures and docstrings), every
+Python block on every page runs against a real database (SQLite, and Postgres), with the
+block runner of ``_blocks``, and every command line its pages show matches the real
+command-line tools.
 """
 
 from __future__ import annotations
@@ -18,35 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import writeturn
 from writeturn import Outcome, WriteHandle, WriteSerializer
 from writeturn.alembic_env import include_name, include_object
 
-from ._blocks import ROOT, balance_of, blocks, reader_namespace, run_blocks
+from ._blocks import (
+    DOCS,
+    PAGES,
+    ROOT,
+    balance_of,
+    blocks,
+    guarantee_names,
+    reader_namespace,
+    run_blocks,
+)
 
-DOCS = ROOT / "docs"
 PUBLIC_MODULES = ("asgi", "testing", "metrics", "migrations", "alembic_env")
-
-
-def nav_pages() -> list[str]:
-    """The Markdown files the navigation lists, in its order."""
-    found: list[str] = []
-
-    def walk(items: list[Any]) -> None:
-        for item in items:
-            for value in item.values() if isinstance(item, dict) else [item]:
-                if isinstance(value, list):
-                    walk(value)
-                else:
-                    found.append(value)
-
-    walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
-    return found
-
-
-PAGES = nav_pages()
 
 
 class Page(HTMLParser):
@@ -153,6 +142,16 @@ def test_every_page_renders(site: Path, page: str) -> None:
     assert "```" not in rendered.text, page
     assert not re.search(r"\]\((?!\s)[^)]*\.md", rendered.text), page
     assert not rendered.glued, (page, rendered.glued)
+
+
+def test_the_short_guarantees_are_the_guarantees_page_in_order() -> None:
+    """The Home page (and the README, its copy) lists the guarantees in one line each:
+    the same ones, numbered as the page that states them in full."""
+    full = guarantee_names(DOCS / "guarantees.md")
+    assert len(full) == 8, full
+    assert guarantee_names(DOCS / "index.md") == full
+    home = (DOCS / "index.md").read_text()
+    assert "](guarantees.md)" in home
 
 
 def test_the_benchmark_plots_are_shown(site: Path) -> None:
@@ -271,3 +270,87 @@ def test_the_testing_page_is_a_working_conftest(
     pytester.makepyfile(test_user=tests)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
     result.assert_outcomes(passed=2)
+
+
+def command_lines(program: str) -> list[tuple[str, str]]:
+    """(page:line, command) of every command of the pages' ``sh`` blocks that runs
+    ``program``. A command goes on over a line that ends with a backslash and over the
+    indented lines after it, as in a usage synopsis."""
+    found = []
+    for page in PAGES:
+        for start, code in blocks(DOCS / page, "sh"):
+            lines = code.splitlines()
+            i = 0
+            while i < len(lines):
+                first, line = i, lines[i]
+                while i + 1 < len(lines) and (line.endswith("\\") or lines[i + 1].startswith(" ")):
+                    i += 1
+                    line = line.removesuffix("\\").rstrip() + " " + lines[i].strip()
+                if line.startswith(f"{program} "):
+                    found.append((f"{page}:{start + 1 + first}", line))
+                i += 1
+    return found
+
+
+def _flags_of(line: str) -> list[str]:
+    return re.findall(r"(--[a-z][a-z-]*)", line.split("#")[0])
+
+
+def _help(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "writeturn", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+COMMAND_LINES = command_lines("writeturn")
+
+
+def test_the_pages_show_the_command_line() -> None:
+    """The command line page shows every command; so the test below checks them all."""
+    shown = {line.split()[1] for where, line in COMMAND_LINES if where.startswith("cli.md")}
+    assert shown == {"demo", "migrate", "doctor", "bench", "--version"}, shown
+
+
+@pytest.mark.parametrize(("where", "line"), COMMAND_LINES, ids=[w for w, _ in COMMAND_LINES])
+def test_the_command_lines_match_the_tools(where: str, line: str) -> None:
+    command = line.split("#")[0].split()[1]
+    if command == "--version":
+        assert re.fullmatch(r"writeturn \S+\n", _help(command)), where
+        return
+    if command == "migrate":  # its actions, then each action's flags
+        actions = re.findall(r"\b(upgrade|downgrade|current|history)\b", line)
+        assert actions, where
+        for action in actions:
+            usage = _help("migrate", action, "--help")
+            for flag in _flags_of(line):
+                assert flag in usage, (where, action, flag)
+        return
+    usage = _help(command, "--help")
+    for flag in _flags_of(line):
+        assert flag in usage, (where, flag)
+
+
+def test_the_alembic_line_runs_from_the_repository_root(tmp_path: Path) -> None:
+    (found,) = command_lines("alembic")
+    where, line = found
+    assert where.startswith("migrations.md"), where
+    words = line.split("#")[0].split()
+    db = tmp_path / "app.db"
+    words = [w.replace("sqlite:///app.db", f"sqlite:///{db}") for w in words]
+    alembic = Path(sys.executable).with_name("alembic")
+    done = subprocess.run(
+        [str(alembic), *words[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, (where, done.stderr)
+    assert db.exists()

@@ -1,10 +1,9 @@
-"""The README runs: its first example as a pasted script, every other Python block in
-order against a real database (SQLite, and Postgres), and its command lines against the
-real command-line tools.
-
-The blocks share one namespace, as in a reader's session; the names they may use without
-defining them are listed in ``_blocks``, whose runner the documentation site's test uses
-too.
+"""The README is the front page of the documentation site, and says nothing the site does
+not: every fenced block in it is a block of a site page, every other line is said on the
+site, every section heading is a heading there, and every link into the site resolves
+to a page of its navigation (and a heading of that page). Its Python blocks run as
+pasted; as blocks of site pages, ``test_docs`` runs them too, and checks the command
+lines the site shows against the real tools.
 """
 
 from __future__ import annotations
@@ -12,27 +11,54 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
-from typing import Any
 
+import markdown
 import pytest
+import yaml
 
-from writeturn import Outcome
-from writeturn.alembic_env import include_name, include_object
+from ._blocks import DOCS, FENCE, PAGES, ROOT, blocks, guarantee_names
 
-from . import _blocks
-from ._blocks import balance_of, reader_namespace, run_blocks
-
-README = _blocks.ROOT / "README.md"
+README = ROOT / "README.md"
+LINK = re.compile(r"!?\[([^\]]*)\]\(([^)\s]+)\)")
 
 
-def blocks(lang: str) -> list[tuple[int, str]]:
+def readme_blocks(lang: str) -> list[tuple[int, str]]:
     """(line number, dedented code) of every fenced block in ``lang``."""
-    return _blocks.blocks(README, lang)
+    return blocks(README, lang)
 
 
-def test_the_first_example_runs_as_pasted(tmp_path: Path) -> None:
-    line, code = blocks("python")[0]
+def prose(text: str) -> str:
+    """What a reader reads: a link as its text, no list marker, one space for any run."""
+    text = LINK.sub(r"\1", text)
+    text = re.sub(r"^\s*(?:[-*+]|\d+\.)\s+", "", text, flags=re.M)
+    return " ".join(text.split())
+
+
+def without_blocks(text: str) -> str:
+    return FENCE.sub("", text)
+
+
+def readme_lines() -> list[tuple[int, str]]:
+    """(line number, line) of the README outside its fenced blocks, blank lines left out."""
+    text = README.read_text()
+    fenced: set[int] = set()
+    for m in FENCE.finditer(text):
+        first = text[: m.start()].count("\n") + 1
+        fenced.update(range(first, first + m.group(0).count("\n") + 1))
+    return [
+        (number, line)
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and number not in fenced
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "code"), readme_blocks("python"), ids=[str(n) for n, _ in readme_blocks("python")]
+)
+def test_every_python_block_runs_as_pasted(tmp_path: Path, line: int, code: str) -> None:
+    """A front page's examples stand alone. The first write runs twice on the same file."""
     script = tmp_path / "example.py"
     script.write_text(code)
     outputs = []
@@ -47,92 +73,96 @@ def test_the_first_example_runs_as_pasted(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, f"README line {line}:\n{done.stderr}"
         outputs.append(done.stdout.strip())
-    assert outputs == ["balance 10", "balance 20"]
+    if (line, code) == readme_blocks("python")[0]:
+        assert outputs == ["balance 10", "balance 20"]
 
 
-async def test_every_python_block_runs(db_url: str, tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.chdir(tmp_path)  # blocks may name sqlite:///app.db
-    async with reader_namespace(db_url, "readme") as ns:
-        ran = await run_blocks(blocks("python")[1:], ns, "README.md")
-
-        # What the blocks did, checked against the database and the recorder.
-        handle = ns["handle"]  # the journal block's write
-        assert handle.outcome is Outcome.COMMITTED and handle.seq == 1
-        assert not handle.duplicate
-        assert ns["result"] == 10  # the API block's run(fn, *args)
-        # 100, +10 submit, +10 run, -1 in a transaction() block, +7 the charge
-        assert await balance_of(ns) == 126
-        env = ns["context"]
-        assert env.configured["include_name"] is include_name
-        assert env.configured["include_object"] is include_object
-        # The migration lock snippet, run on a real connection.
-        async with ns["engine"].connect() as conn:
-            await conn.run_sync(ns["do_run_migrations"])
-            await conn.rollback()
-        assert env.migrations_run == 1
-        assert len(ran) == len(blocks("python")) - 1
+def test_the_readme_starts_with_the_two_commands() -> None:
+    text = README.read_text()
+    first = FENCE.search(text)
+    assert first is not None and first.group(2) == "sh"
+    assert "\n## " not in text[: first.start()]  # before any section
+    commands = [line.split("#")[0].strip() for line in first.group(3).splitlines()]
+    assert commands == ["make demo", "make test"]
 
 
-def _flags_of(line: str) -> list[str]:
-    return re.findall(r"(--[a-z][a-z-]*)", line.split("#")[0])
-
-
-@pytest.mark.parametrize(
-    "line",
-    [ln for _, code in blocks("sh") for ln in code.splitlines() if ln.startswith("writeturn ")],
-)
-def test_the_command_lines_match_the_tools(line: str) -> None:
-    words = line.split("#")[0].split()
-    command = words[1]
-    if command == "--version":
-        args = [command]
-    else:
-        args = [command, "--help"]
-    done = subprocess.run(
-        [sys.executable, "-m", "writeturn", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    if command == "--version":
-        assert re.fullmatch(r"writeturn \S+\n", done.stdout), done.stdout
-        return
-    if command == "migrate":  # its actions, then each action's flags
-        actions = re.findall(r"\b(upgrade|downgrade|current|history)\b", line)
-        assert actions
-        for action in actions:
-            sub = subprocess.run(
-                [sys.executable, "-m", "writeturn", "migrate", action, "--help"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert sub.returncode == 0, sub.stderr
-            for flag in _flags_of(line):
-                assert flag in sub.stdout, (action, flag)
-        return
-    for flag in _flags_of(line):
-        assert flag in done.stdout, flag
-
-
-def test_the_alembic_line_runs_from_the_repository_root(tmp_path: Path) -> None:
-    (line,) = [
-        ln for _, code in blocks("sh") for ln in code.splitlines() if ln.startswith("alembic")
+def test_every_block_of_the_readme_is_on_a_site_page() -> None:
+    """So the site says it too, and test_docs runs it where it is a Python block."""
+    site = {
+        (m.group(2), textwrap.dedent(m.group(3)))
+        for page in PAGES
+        for m in FENCE.finditer((DOCS / page).read_text())
+    }
+    readme = [
+        (README.read_text()[: m.start()].count("\n") + 1, m.group(2), textwrap.dedent(m.group(3)))
+        for m in FENCE.finditer(README.read_text())
     ]
-    words = line.split("#")[0].split()
-    db = tmp_path / "app.db"
-    words = [w.replace("sqlite:///app.db", f"sqlite:///{db}") for w in words]
-    alembic = Path(sys.executable).with_name("alembic")
-    done = subprocess.run(
-        [str(alembic), *words[1:]],
-        cwd=README.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert db.exists()
+    assert readme
+    missing = [line for line, lang, code in readme if (lang, code) not in site]
+    assert not missing, f"README blocks at lines {missing} are on no page of the site"
+
+
+def test_every_line_of_the_readme_is_said_on_the_site() -> None:
+    """Each line outside the blocks, as a reader reads it (links as their text), is on a
+    site page, and each heading is a heading there: the README holds nothing of its own."""
+    pages = [without_blocks((DOCS / page).read_text()) for page in PAGES]
+    said = " ".join(prose(line) for page in pages for line in page.splitlines())
+    headings = {prose(h) for page in pages for h in re.findall(r"^#+ (.+)$", page, re.M)}
+    missing = []
+    for number, line in readme_lines():
+        heading = re.match(r"^#+ (.+)$", line)
+        if heading:
+            if prose(heading.group(1)) not in headings:
+                missing.append(f"line {number}, heading: {line}")
+        elif prose(line) not in said:
+            missing.append(f"line {number}: {line[:100]}")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_readme_lists_the_guarantees_of_the_site() -> None:
+    assert guarantee_names(README) == guarantee_names(DOCS / "guarantees.md")
+
+
+def anchors(page: Path) -> set[str]:
+    """The ids of a page's headings, as the site's Markdown extensions make them."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    extensions: list[str] = []
+    configs: dict[str, object] = {}
+    for item in config["markdown_extensions"]:
+        if isinstance(item, dict):
+            ((name, options),) = item.items()
+            extensions.append(name)
+            configs[name] = options or {}
+        else:
+            extensions.append(item)
+    rendered = markdown.markdown(page.read_text(), extensions=extensions, extension_configs=configs)
+    return set(re.findall(r'<h\d id="([^"]+)"', rendered))
+
+
+def test_the_readme_links_resolve() -> None:
+    """A link into the site names a page of its navigation (and a heading of it); any
+    other relative link names a file of the repository. Every page but the Home page,
+    whose copy the README is, is linked."""
+    text = without_blocks(README.read_text())
+    broken = []
+    linked = set()
+    for _, target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # not a file of the repository
+        path, _, anchor = target.partition("#")
+        if not path:
+            broken.append(f"{target}: an anchor of the README, which has no site page")
+            continue
+        if not (ROOT / path).exists():
+            broken.append(f"{target}: no such file")
+            continue
+        if path.startswith("docs/") and path.endswith(".md"):
+            page = path.removeprefix("docs/")
+            linked.add(page)
+            if page not in PAGES:
+                broken.append(f"{target}: not a page of the navigation")
+            elif anchor and anchor not in anchors(DOCS / page):
+                broken.append(f"{target}: no heading #{anchor} on {page}")
+    assert not broken, broken
+    unlinked = set(PAGES) - {"index.md"} - linked
+    assert not unlinked, f"pages the README does not link: {sorted(unlinked)}"
