@@ -233,6 +233,8 @@ class SQLiteDialect(Dialect):
     async def _begin_immediate(
         self, conn: AsyncConnection, driver: Any, deadline: float | None
     ) -> None:
+        if _begin_at_once(conn, driver):
+            return
         if deadline is not None:
             # sqlite3_interrupt does not stop a busy wait, so a write with a
             # timeout waits for another process's lock at most until then
@@ -317,6 +319,46 @@ class SQLiteDialect(Dialect):
 _SESSION_LOCK = "writeturn_session_lock"  # conn.info: a key's session lock taken (or asked for)
 _BUSY_SHORTENED = "writeturn_busy_shortened"  # conn.info: a capped BEGIN changed the timeout
 _PATIENCE = 1.0  # seconds beyond the busy timeout before a line that does not move is left
+
+
+_NO_DIRECT_CALLS = "writeturn_no_direct_calls"  # conn.info: sqlite3 refuses this thread
+
+
+def _begin_at_once(conn: AsyncConnection, driver: Any) -> bool:
+    """BEGIN IMMEDIATE from the event loop's thread, if SQLite's write lock is free now.
+
+    Every statement through aiosqlite is a round trip to the connection's own
+    thread, the dearest part of a short write after the COMMIT. With the
+    busy timeout at zero for this one statement, BEGIN IMMEDIATE takes the
+    lock at once or fails at once ("database is locked"), so it cannot block
+    the event loop; only then does the write wait for the lock on the
+    connection's thread, with its configured timeout (False). Possible where
+    the ``sqlite3`` connection may be used from this thread (SQLAlchemy opens
+    a file database with ``check_same_thread=False``) and nothing else runs on
+    it: it is the write's own, and no round trip of it is in flight.
+    """
+    info = conn.info
+    if _NO_DIRECT_CALLS in info:
+        return False
+    raw = getattr(driver, "_connection", None)
+    if not isinstance(raw, sqlite3.Connection):
+        info[_NO_DIRECT_CALLS] = True
+        return False
+    try:
+        if "writeturn_busy_ms" not in info:
+            row = raw.execute("PRAGMA busy_timeout").fetchone()
+            info["writeturn_busy_ms"] = int(row[0] if row else 0)
+        raw.execute("PRAGMA busy_timeout=0")
+    except sqlite3.ProgrammingError:  # created with check_same_thread (a memory database)
+        info[_NO_DIRECT_CALLS] = True
+        return False
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error:
+        return False  # busy (or worse): the usual BEGIN waits for it, or says what it is
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={int(info['writeturn_busy_ms'])}")
+    return True
 
 
 class _Beginning:
