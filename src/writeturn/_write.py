@@ -95,6 +95,11 @@ class Owner(Protocol):
         """The write settled: it no longer counts as live."""
         ...
 
+    @property
+    def counters(self) -> Counters:
+        """Where the write reports its waits, holds, stops and outcome."""
+        ...
+
 
 class Runner(Protocol):
     """Whoever runs a granted write: told when a stop must be acted on."""
@@ -127,35 +132,29 @@ class WriteRecord(Waiter):
         "kwargs",
         "context",
         "timeout",
-        "deadline",
         "idempotency_key",
         "journaled",
         "retries",
         "attempts",
         "began",
-        "seq",
-        "duplicate",
+        "_journal",
         "state",
         "outcome",
         "stop",
         "cancelled",
-        "result",
-        "exception",
+        "_ending",
         "holds_turn",
         "runner",
         "_owner",
-        "_counters",
         "_since",
         "_timer",
         "_on_grant",
         "_waiters",
-        "__weakref__",
     )
 
     def __init__(
         self,
         owner: Owner,
-        counters: Counters,
         key: str,
         writer: Hashable | None,
         fn: Callable[..., Any] | None,
@@ -175,24 +174,20 @@ class WriteRecord(Waiter):
         self.kwargs = kwargs
         self.context = context  # the submitter's, copied: the function runs in it
         self.timeout = timeout
-        self.deadline: float | None = None  # event-loop time the timeout expires
         self.idempotency_key = idempotency_key
         self.journaled = journaled
         self.retries = retries  # how many times a transient failure may be retried
         self.attempts = 0  # retries made so far
         self.began = False  # its transaction began at least once (its function may have run)
-        self.seq: int | None = None
-        self.duplicate = False
+        self._journal: tuple[int, bool] | None = None  # (seq, duplicate), see journaled_as()
         self.state = State.QUEUED
         self.outcome = Outcome.PENDING
         self.stop: Stop | None = None
         self.cancelled = False  # a caller's cancellation arrived (raised even after a COMMIT)
-        self.result: Any = None
-        self.exception: BaseException | None = None
+        self._ending: tuple[Any, BaseException | None] | None = None  # set by settle()
         self.holds_turn = False
         self.runner: Runner | None = None
         self._owner = owner
-        self._counters = counters
         self._since = time.monotonic()  # queued at; from the grant on, granted at
         self._timer: asyncio.TimerHandle | None = None
         self._on_grant: Callable[[WriteRecord], None] | None = None
@@ -204,6 +199,38 @@ class WriteRecord(Waiter):
         state = self.outcome.value if self.state is State.DONE else self.state.value
         return f"<write key={self.key!r} writer={self.writer!r} {state}>"
 
+    # -- derived fields (each would cost every queued write a slot) ------------
+
+    @property
+    def deadline(self) -> float | None:
+        """Event-loop time its timeout expires; None without one, or once it has."""
+        timer = self._timer
+        return None if timer is None else timer.when()
+
+    @property
+    def seq(self) -> int | None:
+        """Its journal sequence number, once journaled (None if it did not commit)."""
+        journal = self._journal
+        return None if journal is None else journal[0]
+
+    @property
+    def duplicate(self) -> bool:
+        """An earlier write with its idempotency key had committed: its function did not run."""
+        journal = self._journal
+        return journal is not None and journal[1]
+
+    @property
+    def result(self) -> Any:
+        """What its function returned, once settled COMMITTED (else None)."""
+        ending = self._ending
+        return None if ending is None else ending[0]
+
+    @property
+    def exception(self) -> BaseException | None:
+        """What awaiting it raises, once settled (None: it returns ``result``)."""
+        ending = self._ending
+        return None if ending is None else ending[1]
+
     # -- events ----------------------------------------------------------------
 
     def arm(self, on_grant: Callable[[WriteRecord], None]) -> None:
@@ -212,7 +239,6 @@ class WriteRecord(Waiter):
         if self.timeout is not None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.timeout, self._expire)
-            self.deadline = self._timer.when()
 
     def on_grant(self) -> None:
         """The key's turn is this write's now (called by the turn lock, synchronously)."""
@@ -224,7 +250,7 @@ class WriteRecord(Waiter):
     def granted(self) -> None:
         """The write may run: its own turn came, or a batch holding the turn claimed it."""
         now = time.monotonic()
-        self._counters.waits.append(now - self._since)
+        self._owner.counters.waits.append(now - self._since)
         self._since = now
         self.move(State.GRANTED)
 
@@ -235,7 +261,7 @@ class WriteRecord(Waiter):
     def journaled_as(self, seq: int, duplicate: bool) -> None:
         """Its journal row: ``seq``, and whether an earlier write with its idempotency key
         had committed already (a duplicate, whose function does not run)."""
-        self.seq, self.duplicate = seq, duplicate
+        self._journal = (seq, duplicate)
 
     def count_attempt(self) -> int:
         """Another attempt is to be made after a transient failure; the count so far."""
@@ -270,7 +296,7 @@ class WriteRecord(Waiter):
         state = self.state
         if state is State.DONE:
             return False
-        self._counters.cancel_requests += 1
+        self._owner.counters.cancel_requests += 1
         if reason is Stop.CANCEL:
             self.cancelled = True
         if self.stop is None:
@@ -321,14 +347,13 @@ class WriteRecord(Waiter):
         )
         assert not self.holds_turn, f"{self!r} settles while holding its turn"
         if self.state is not State.QUEUED:
-            self._counters.holds.append(time.monotonic() - self._since)
+            self._owner.counters.holds.append(time.monotonic() - self._since)
         self.move(State.DONE)
         self.outcome = outcome
-        self._counters.by_outcome[outcome] += 1
+        self._owner.counters.by_outcome[outcome] += 1
         if outcome is not Outcome.COMMITTED:
-            self.seq, self.duplicate = None, False
-        self.result = result
-        self.exception = exception
+            self._journal = None
+        self._ending = (result, exception)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

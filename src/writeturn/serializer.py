@@ -579,7 +579,6 @@ class WriteSerializer:
             )
         return WriteRecord(
             rt,
-            rt.counters,
             k,
             w,
             fn,

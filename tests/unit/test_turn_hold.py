@@ -30,7 +30,7 @@ STEPS = st.tuples(
 
 
 def _record(rt: Runtime, writer: str, seen: list[str]) -> WriteRecord:
-    record = WriteRecord(rt, rt.counters, "k", writer, lambda s: None)
+    record = WriteRecord(rt, "k", writer, lambda s: None)
     rt.enter(record)
 
     def granted(r: WriteRecord) -> None:

@@ -26,6 +26,7 @@ class Owner:
         self.turns = TurnLock()
         self.live: set[WriteRecord] = set()
         self.releases = 0
+        self.counters = Counters()
 
     def withdraw(self, record: WriteRecord) -> bool:
         return self.turns.withdraw(record.key, record)
@@ -47,7 +48,7 @@ class Runner:
 
 
 def new(owner: Owner, writer: str | None = "A", **kw: object) -> WriteRecord:
-    record = WriteRecord(owner, Counters(), "k", writer, lambda s: None, **kw)  # type: ignore[arg-type]
+    record = WriteRecord(owner, "k", writer, lambda s: None, **kw)  # type: ignore[arg-type]
     owner.live.add(record)
     return record
 
