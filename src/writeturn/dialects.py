@@ -2,7 +2,8 @@
 
 A :class:`Dialect` begins a write transaction (taking the database lock in
 advisory mode), asks the driver to stop a running statement, and, on
-Postgres, learns the fate of a transaction whose COMMIT was cut off.
+Postgres, learns the fate of a transaction whose COMMIT was cut off. What
+an error they raise means is decided in :mod:`writeturn._error_kinds`.
 """
 
 from __future__ import annotations
