@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _owned, journal
+from ._error_kinds import ErrorKind, classify
 from ._guard import GuardedTask, run_apart, settle
 from ._runtime import Runtime
 from ._session import WriteSession
@@ -317,7 +318,7 @@ class Transaction:
         try:
             self._xid = await self.call(dialect.begin(self._conn(), self._key, deadline))
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
+            if ErrorKind.LOST not in self._kind(exc):
                 raise
             log.info("writeturn: a connection was dead at BEGIN; taking a fresh one (%s)", exc)
             self.began = False  # the dead connection's transaction died with it
@@ -395,8 +396,9 @@ class Transaction:
         try:
             await self.call(conn.exec_driver_sql("SELECT 1"), interruptible=False)
         except DBAPIError as exc:
-            if exc.connection_invalidated:
+            if ErrorKind.LOST in self._kind(exc):
                 return None  # COMMIT will find the connection dead and say so
+            # ABORTED, or an error that leaves the transaction as unable to commit.
             err = TransactionAborted(
                 f"a statement failed inside the write on key {self._key!r} and its error was "
                 f"caught ({describe_error(first, self._rt.engine.url)}); the database aborted "
@@ -416,8 +418,9 @@ class Transaction:
         if isinstance(exc, TransactionOwnedError):
             await self.rollback()
             return Outcome.ROLLED_BACK, exc
-        lost = conn.invalidated or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
-        if rt.dialect.not_sent(exc):
+        kind = self._kind(exc)
+        lost = conn.invalidated or ErrorKind.LOST in kind
+        if ErrorKind.NOT_SENT in kind:
             # The driver refused COMMIT before sending it: the server never
             # committed, and rolls back when the dead connection is gone.
             await self.rollback()
@@ -505,7 +508,11 @@ class Transaction:
         conn = self.conn
         if conn is not None and (conn.invalidated or not self._rt.dialect.alive(conn)):
             return True
-        return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+        return error is not None and ErrorKind.LOST in self._kind(error)
+
+    def _kind(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` means on this transaction's database."""
+        return classify(self._rt.dialect.name, exc)
 
     def explain(self, outcome: Outcome, error: BaseException | None) -> BaseException | None:
         """The error a write ends with: a lost connection becomes :class:`ConnectionLost`."""
@@ -678,7 +685,7 @@ def retry_delay(
     elif outcome is Outcome.UNKNOWN:
         if record.idempotency_key is None:
             return None
-    elif outcome is not Outcome.ROLLED_BACK or not rt.dialect.is_transient(_root(error)):
+    elif outcome is not Outcome.ROLLED_BACK or not _worth_retrying(rt, error):
         return None
     attempt = record.count_attempt()
     delay = rt.options.retry_backoff * 2 ** (attempt - 1)
@@ -692,6 +699,12 @@ def retry_delay(
     )
     rt.counters.retries += 1
     return float(delay * random.uniform(0.5, 1.5))
+
+
+def _worth_retrying(rt: Runtime, error: BaseException) -> bool:
+    """A write that rolled back with ``error`` may succeed if run again: its connection
+    died, or the database gave up on it for now (serialization failure, deadlock, busy)."""
+    return bool(classify(rt.dialect.name, _root(error)) & (ErrorKind.LOST | ErrorKind.TRANSIENT))
 
 
 def _root(error: BaseException) -> BaseException:

@@ -2,7 +2,8 @@
 
 A :class:`Dialect` begins a write transaction (taking the database lock in
 advisory mode), asks the driver to stop a running statement, and, on
-Postgres, learns the fate of a transaction whose COMMIT was cut off.
+Postgres, learns the fate of a transaction whose COMMIT was cut off. What
+an error they raise means is decided in :mod:`writeturn._error_kinds`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._error_kinds import ErrorKind, classify
 from ._options import Coordination, check_busy_timeout
 from ._sqlite_connect import join_failed_connects
 from ._sqlite_queue import TicketQueue, wait_turn
@@ -141,10 +143,6 @@ class Dialect:
         await conn.exec_driver_sql("SELECT 1")
         return False
 
-    def not_sent(self, exc: BaseException) -> bool:
-        """Whether a failed COMMIT was refused by the driver before it reached the server."""
-        return False
-
     def terminate(self, conn: AsyncConnection) -> None:
         """Close ``conn``'s socket at once, so that a call hanging on it fails."""
         return None
@@ -156,15 +154,6 @@ class Dialect:
     async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
         """Learn, on a fresh connection, whether transaction ``xid`` committed."""
         return Outcome.UNKNOWN
-
-    def is_transient(self, exc: BaseException) -> bool:
-        """Whether a write that failed with ``exc`` and rolled back may succeed if run again."""
-        if isinstance(exc, DBAPIError):
-            return bool(exc.connection_invalidated) or self._transient(exc)
-        return False
-
-    def _transient(self, exc: DBAPIError) -> bool:
-        return False
 
 
 class SQLiteDialect(Dialect):
@@ -309,11 +298,6 @@ class SQLiteDialect(Dialect):
     def driver_in_transaction(self, conn: AsyncConnection) -> bool:
         driver = _driver(conn)
         return bool(driver is not None and driver.in_transaction)
-
-    def _transient(self, exc: DBAPIError) -> bool:
-        # Another process held the write lock past the busy timeout.
-        text_ = str(exc.orig).lower()
-        return "database is locked" in text_ or "database table is locked" in text_
 
 
 _SESSION_LOCK = "writeturn_session_lock"  # conn.info: a key's session lock taken (or asked for)
@@ -545,12 +529,6 @@ class PostgresDialect(Dialect):
         except ConnectionResetError:
             pass  # some servers reset the cancel connection after reading the request
 
-    #: serialization_failure, deadlock_detected
-    _TRANSIENT_STATES = frozenset({"40001", "40P01"})
-
-    def _transient(self, exc: DBAPIError) -> bool:
-        return getattr(exc.orig, "sqlstate", None) in self._TRANSIENT_STATES
-
     def terminate(self, conn: AsyncConnection) -> None:
         driver = _driver(conn)
         if driver is not None:
@@ -566,7 +544,7 @@ class PostgresDialect(Dialect):
         try:
             backend = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
         except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) in _STATEMENT_NAME_CLASH:
+            if ErrorKind.STATEMENT_CLASH in classify(self.name, exc):
                 raise PoolerMisconfigured("prepared statements clash between its clients") from exc
             raise
         driver = _driver(conn)
@@ -579,13 +557,6 @@ class PostgresDialect(Dialect):
         # loop turns earlier: such a connection is dead too (_failed_while_idle).
         driver = _driver(conn)
         return driver is not None and not driver.is_closed() and not _failed_while_idle(driver)
-
-    #: asyncpg refuses these before it writes anything to the socket.
-    _NOT_SENT = ("connection is closed", "another operation is in progress")
-
-    def not_sent(self, exc: BaseException) -> bool:
-        text_ = str(exc.orig if isinstance(exc, DBAPIError) else exc).lower()
-        return any(marker in text_ for marker in self._NOT_SENT)
 
     async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
         if xid is None:
@@ -618,11 +589,6 @@ class PostgresDialect(Dialect):
                 return Outcome.UNKNOWN
             await asyncio.sleep(0.1)
         return Outcome.UNKNOWN
-
-
-#: duplicate_prepared_statement, invalid_sql_statement_name: what asyncpg's
-#: named statements meet behind a transaction-mode pooler.
-_STATEMENT_NAME_CLASH = frozenset({"42P05", "26000"})
 
 
 class PoolerMisconfigured(Exception):

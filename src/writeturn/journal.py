@@ -19,6 +19,7 @@ from sqlalchemy import String, TextClause, bindparam, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ._error_kinds import ErrorKind, classify
 from .errors import IdempotencyKeyReused, JournalMissing, shown
 
 __all__ = ["JournalEntry", "record", "lookup", "probe", "missing_table", "check_table"]
@@ -72,7 +73,7 @@ async def record(
     try:
         seq = (await conn.execute(_RECORD, params)).scalar()
     except DBAPIError as exc:
-        if missing_table(exc):
+        if missing_table(conn, exc):
             raise _missing() from exc
         raise
     if seq is not None:
@@ -97,7 +98,7 @@ async def lookup(conn: AsyncConnection, namespace: str, idempotency_key: str) ->
     try:
         row = (await conn.execute(_LOOKUP, {"ns": namespace, "ik": idempotency_key})).first()
     except DBAPIError as exc:
-        if missing_table(exc):
+        if missing_table(conn, exc):
             raise _missing() from exc
         raise
     return None if row is None else int(row[0])
@@ -123,16 +124,15 @@ async def check_table(conn: AsyncConnection) -> None:
     try:
         await conn.execute(_CHECK)
     except DBAPIError as exc:
-        if missing_table(exc):
+        if missing_table(conn, exc):
             raise _missing() from exc
         raise
 
 
-def missing_table(exc: DBAPIError) -> bool:
-    """True if ``exc`` says the journal table does not exist (either database)."""
-    if getattr(exc.orig, "sqlstate", None) == "42P01":  # undefined_table
-        return True
-    return f"no such table: {TABLE}" in str(exc.orig)
+def missing_table(conn: AsyncConnection, exc: DBAPIError) -> bool:
+    """True if ``exc``, raised by a statement on ``conn`` that names only the journal
+    table, says that table does not exist."""
+    return ErrorKind.MISSING_TABLE in classify(conn.dialect.name, exc)
 
 
 def _missing() -> JournalMissing:

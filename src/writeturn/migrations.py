@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from ._error_kinds import ErrorKind, classify
 from ._sqlite_connect import join_failed_connects
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
@@ -87,7 +88,6 @@ ATTR_LOCK_HELD = "writeturn.lock_held"
 ATTR_STEPS = "writeturn.steps"
 
 _APPLICATION_NAME = "writeturn-migrate"
-_PG_LOCK_NOT_AVAILABLE = "55P03"
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
 
 
@@ -205,12 +205,6 @@ def _pg_holders(connection: Connection, lk: _LockName) -> str:
     return ", ".join(f"pid {row[0]} (application_name={row[1]!r})" for row in rows)
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    orig = exc.orig
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return state if isinstance(state, str) else None
-
-
 def _pg_acquire(connection: Connection, lk: _LockName, timeout: float) -> None:
     """Take the session-level advisory lock, waiting at most ``timeout`` seconds.
 
@@ -239,7 +233,7 @@ def _pg_acquire(connection: Connection, lk: _LockName, timeout: float) -> None:
             connection.execute(_PG_LOCK, {"key": lk.key})
             connection.execute(_PG_SET_LOCK_TIMEOUT, {"value": previous})
     except DBAPIError as exc:
-        if _sqlstate(exc) != _PG_LOCK_NOT_AVAILABLE:
+        if ErrorKind.LOCK_TIMEOUT not in classify(connection.dialect.name, exc):
             _invalidate_quietly(connection)
             raise
         raise MigrationLockTimeout(
