@@ -67,6 +67,7 @@ class Runtime:
         "counters",
         "connections",
         "live",
+        "out_of_line",
         "idle",
         "background",
         "state",
@@ -83,7 +84,11 @@ class Runtime:
         self.gate: TurnLock | None = TurnLock() if self.dialect.single_writer else None
         self.counters = Counters()
         self.connections = ConnectionCache(engine)
-        self.live: set[WriteRecord] = set()
+        # Writes not yet settled: how many, and those out of their line (the
+        # queued ones are in ``turns``). Not a set of them all: a set's slot
+        # would cost every queued write a fifth of its memory.
+        self.live = 0
+        self.out_of_line: set[WriteRecord] = set()
         self.idle = asyncio.Event()
         self.idle.set()
         # Batch runs: close() waits for them to hand their connections back.
@@ -99,8 +104,12 @@ class Runtime:
     def release(self, key: str) -> None:
         self.turns.release(key)
 
+    def running(self, record: WriteRecord) -> None:
+        self.out_of_line.add(record)
+
     def forget(self, record: WriteRecord) -> None:
-        self.live.discard(record)
+        self.out_of_line.discard(record)
+        self.live -= 1
         if not self.live:
             self.idle.set()
 
@@ -108,8 +117,13 @@ class Runtime:
 
     def enter(self, record: WriteRecord) -> None:
         """Count ``record`` as live; it is about to be queued."""
-        self.live.add(record)
+        self.live += 1
         self.idle.clear()
+
+    def unsettled(self) -> list[WriteRecord]:
+        """Every write not yet settled: those in line, then those out of it."""
+        queued = [w for w in self.turns.waiters() if isinstance(w, WriteRecord)]
+        return [*queued, *self.out_of_line]
 
     def keep(self, task: asyncio.Task[None]) -> None:
         """Hold a reference to a background task until it ends (close() waits for it)."""

@@ -213,6 +213,17 @@ class TurnQueue(Generic[E]):
             return not item.dead
         return item._lane is _ANONYMOUS
 
+    def entries(self) -> list[E]:
+        """Every live entry, in no promised order (O(n))."""
+        found: list[E] = []
+        for item in self._ring:
+            if isinstance(item, _Lane):
+                if not item.dead:
+                    found.extend(e for e in item.entries if e._lane is item)
+            elif item._lane is _ANONYMOUS:
+                found.append(item)
+        return found
+
     def waiting_writers(self) -> list[Hashable | None]:
         """The writers with live entries, in the order their turns come."""
         order: list[Hashable | None] = []

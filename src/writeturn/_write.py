@@ -91,6 +91,10 @@ class Owner(Protocol):
         """Hand the turn on ``key`` to the next write in line."""
         ...
 
+    def running(self, record: WriteRecord) -> None:
+        """The write left its line to run (its turn came, or a batch claimed it)."""
+        ...
+
     def forget(self, record: WriteRecord) -> None:
         """The write settled: it no longer counts as live."""
         ...
@@ -253,6 +257,7 @@ class WriteRecord(Waiter):
         self._owner.counters.waits.append(now - self._since)
         self._since = now
         self.move(State.GRANTED)
+        self._owner.running(self)
 
     def run_by(self, runner: Runner) -> None:
         """``runner`` runs the write from now on: it is told of a stop (see Runner)."""

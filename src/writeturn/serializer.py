@@ -315,7 +315,7 @@ class WriteSerializer:
             rt.state = "closed"
 
     def _stop_all(self) -> None:
-        for record in list(self._rt.live):
+        for record in self._rt.unsettled():
             record.request_stop(Stop.CLOSE)
 
     async def __aenter__(self) -> WriteSerializer:
@@ -500,7 +500,7 @@ class WriteSerializer:
         """A snapshot of the counters (see :class:`SerializerStats`)."""
         rt = self._rt
         queued = rt.turns.statistics().waiting
-        return rt.counters.snapshot(queued=queued, running=len(rt.live) - queued)
+        return rt.counters.snapshot(queued=queued, running=len(rt.out_of_line))
 
     def observe(self, observer: Callable[[str, float], None]) -> Callable[[], None]:
         """Call ``observer(kind, seconds)`` for every wait (``"wait"``: submission to

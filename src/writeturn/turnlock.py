@@ -207,6 +207,10 @@ class TurnLock:
         turns = self._keys.get(key)
         return 0 if turns is None else len(turns.queue)
 
+    def waiters(self) -> list[Waiter]:
+        """Every live waiter of every key, in no promised order (O(n))."""
+        return [waiter for turns in self._keys.values() for waiter in turns.queue.entries()]
+
     def statistics(self) -> TurnLockStatistics:
         """Counts over all keys: keys whose turn is held, and live waiters."""
         return TurnLockStatistics(

@@ -379,6 +379,9 @@ def test_random_operations_match_the_reference_model(seed: int) -> None:
         max_len = max(max_len, len(q))
         if step % 7 == 0:
             assert q.waiting_writers() == model.waiting_writers(), (seed, step)
+            # Every live entry once, and nothing popped or withdrawn (close() stops these).
+            entries = q.entries()
+            assert len(entries) == len(queued) and set(map(id, entries)) == set(map(id, queued))
     # Drain, still checking every pop.
     while True:
         got, want = q.pop(), model.pop()

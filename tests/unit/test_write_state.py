@@ -35,6 +35,9 @@ class Owner:
         self.releases += 1
         self.turns.release(key)
 
+    def running(self, record: WriteRecord) -> None:
+        pass  # the live set below already holds it
+
     def forget(self, record: WriteRecord) -> None:
         self.live.discard(record)
 
