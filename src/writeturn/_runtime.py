@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _owned
 from ._connections import ConnectionCache
+from ._lifecycle import Lifecycle
 from ._options import Options
 from ._write import WriteRecord
 from .dialects import Dialect, dialect_for
@@ -69,7 +70,7 @@ class Runtime:
         "live",
         "idle",
         "background",
-        "state",
+        "lifecycle",
     )
 
     def __init__(self, engine: AsyncEngine, options: Options) -> None:
@@ -88,7 +89,8 @@ class Runtime:
         self.idle.set()
         # Batch runs: close() waits for them to hand their connections back.
         self.background: set[asyncio.Task[None]] = set()
-        self.state: Literal["new", "started", "closing", "closed"] = "new"
+        # The serializer's phase (new, started, closing, closed): see _lifecycle.
+        self.lifecycle = Lifecycle()
         _owned.install(engine)
 
     # -- the Owner interface of write records ------------------------------------
