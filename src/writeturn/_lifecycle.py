@@ -23,7 +23,8 @@ There is no other move. In particular:
 * ``start()`` that loses to a ``close()`` called while it connected makes no
   move: the phase is CLOSING (or CLOSED) by then, and ``start()`` raises.
 * A second ``close()`` makes no move either: it finds CLOSING (or CLOSED)
-  already reached and waits for the first one's task.
+  already reached and waits for the first one's task. Nor does a ``start()``
+  that connected while another one did: it finds STARTED and returns.
 
 Invariants:
 

@@ -251,6 +251,8 @@ class WriteSerializer:
         if pooled and not rt.options.pgbouncer:
             raise ConfigurationError(_pooler_hint(rt.engine.url, "its session ids differ"))
         _check_isolation(rt, level)
+        if life.accepts_writes:  # another start() connected first: started
+            return
         if life.phase is not Phase.NEW:  # close() was called while start() connected
             raise SerializerClosed("this WriteSerializer was closed while it started")
         life.move(Phase.STARTED)
