@@ -37,7 +37,8 @@ Invariants:
   one loop step later when its coroutine or task first runs: ``close()`` is
   a plain method that moves to CLOSING before it returns its coroutine;
 * CLOSED comes only after the close's task ended, so a serializer shown as
-  closed has settled its writes and handed back its connections.
+  closed has settled its writes and handed back its connections, that of a
+  ``start()`` it beat included.
 """
 
 from __future__ import annotations

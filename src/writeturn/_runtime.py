@@ -87,7 +87,8 @@ class Runtime:
         self.live: set[WriteRecord] = set()
         self.idle = asyncio.Event()
         self.idle.set()
-        # Batch runs: close() waits for them to hand their connections back.
+        # Batch runs and start()'s check of the database: close() waits for them to
+        # hand their connections back.
         self.background: set[asyncio.Task[None]] = set()
         # The serializer's phase (new, started, closing, closed): see _lifecycle.
         self.lifecycle = Lifecycle()

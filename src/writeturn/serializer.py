@@ -226,6 +226,20 @@ class WriteSerializer:
             raise SerializerClosed(
                 "this WriteSerializer is closed; create a new one instead of restarting it"
             )
+        # A task that close() waits for, as for a batch: a close() called meanwhile must
+        # not dispose the engine before this check hands its connection back.
+        check = asyncio.get_running_loop().create_task(self._check_database())
+        rt.keep(check)
+        await check
+        if life.accepts_writes:  # another start() connected first: started
+            return
+        if life.phase is not Phase.NEW:  # close() was called while start() connected
+            raise SerializerClosed("this WriteSerializer was closed while it started")
+        life.move(Phase.STARTED)
+
+    async def _check_database(self) -> None:
+        """start()'s check: the database answers, as the options expect."""
+        rt = self._rt
         try:
             async with rt.engine.connect() as conn:
                 pooled = await rt.dialect.behind_pooler(conn)
@@ -251,11 +265,6 @@ class WriteSerializer:
         if pooled and not rt.options.pgbouncer:
             raise ConfigurationError(_pooler_hint(rt.engine.url, "its session ids differ"))
         _check_isolation(rt, level)
-        if life.accepts_writes:  # another start() connected first: started
-            return
-        if life.phase is not Phase.NEW:  # close() was called while start() connected
-            raise SerializerClosed("this WriteSerializer was closed while it started")
-        life.move(Phase.STARTED)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> Coroutine[Any, Any, None]:
         """Stop accepting writes, settle the ones in flight, and dispose an owned engine.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 from collections.abc import Iterator
 from typing import Any
 from unittest.mock import patch
@@ -168,6 +169,31 @@ async def test_start_losing_to_close_makes_no_move(sqlite_url: str) -> None:
             await starting
         await closing
     assert moves == [(Phase.NEW, Phase.CLOSING), (Phase.CLOSING, Phase.CLOSED)]
+
+
+def _sqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_closed_only_once_the_connection_of_a_start_it_beat_is_closed(
+    sqlite_url: str, drain: bool
+) -> None:
+    # close()'s task used to run while start() still held the connection it checks the
+    # database with: it disposed the engine, showed CLOSED, and start() then handed its
+    # connection back to the disposed pool, where it stayed open for good.
+    before = _sqlite_threads()
+    ser = WriteSerializer.from_url(sqlite_url)
+    starting = asyncio.ensure_future(ser.start())
+    await asyncio.sleep(0)  # start() is connecting
+    await ser.close(drain=drain)
+    assert phase(ser) is Phase.CLOSED
+    with pytest.raises(SerializerClosed, match="closed while it started"):
+        await starting
+    left = _sqlite_threads() - before
+    for thread in left:
+        thread.join(timeout=5)
+    assert not [t.name for t in left if t.is_alive()], "a connection of start() is still open"
 
 
 async def test_a_start_while_another_connects_finds_the_serializer_started(
