@@ -1,6 +1,8 @@
 """The serializer's lifecycle state machine: its table on its own, every move in every
 phase; then a real serializer on a SQLite file, in the cases its close and start make,
-checking that its moves follow the table."""
+and under random sequences of start(), close(), close(drain=False) and writes
+(hypothesis), checking that its moves follow the table and that it takes writes
+exactly when started."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import contextlib
 import itertools
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from writeturn import SerializerClosed, WriteSerializer
+from writeturn import Outcome, SerializerClosed, SerializerNotStarted, WriteHandle, WriteSerializer
 from writeturn._lifecycle import TRANSITIONS, Lifecycle, Phase
 
 # -- the transition table -------------------------------------------------------
@@ -211,3 +216,135 @@ async def test_a_start_while_another_connects_finds_the_serializer_started(
         finally:
             await ser.close()
     assert moves == STARTED_AND_CLOSED
+
+
+# -- random sequences against a real serializer -----------------------------------------
+
+#: What a sequence is made of: start() awaited at once or left running ("start_bg"),
+#: close() and close(drain=False) left running, a write, a transaction() call, one
+#: loop step, and waiting for everything left running. Writes weigh triple: most
+#: sequences should have some, and a started serializer should take some.
+OPS = [
+    "start",
+    "start_bg",
+    "close",
+    "close_stop",
+    "submit",
+    "submit",
+    "submit",
+    "transaction",
+    "step",
+    "settle",
+]
+
+
+async def _drive(url: str, ops: list[str]) -> None:
+    """Run ``ops`` against one serializer, checking each refusal as it happens; then
+    close it and check every move it made and every phase seen follow the table."""
+    closes = 0  # close() calls so far
+    stopped = False  # a close(drain=False) was called
+    tasks: list[asyncio.Future[Any]] = []
+    accepted: list[WriteHandle[Any]] = []
+    with recorded_moves() as moves:
+        ser = WriteSerializer.from_url(url)
+        life = ser._rt.lifecycle
+        seen = [life.phase]
+
+        def observe() -> None:
+            if life.phase is not seen[-1]:
+                seen.append(life.phase)
+
+        async def starting() -> None:
+            try:
+                await ser.start()
+            except SerializerClosed:
+                assert closes > 0, "start() raised SerializerClosed, but nothing closed it"
+            else:
+                assert life.phase is Phase.STARTED, "start() returned, not started"
+            observe()
+
+        try:
+            for op in ops:
+                observe()
+                before = life.phase
+                if op == "start":
+                    await starting()
+                elif op == "start_bg":
+                    tasks.append(asyncio.ensure_future(starting()))
+                elif op in ("close", "close_stop"):
+                    closes += 1
+                    stopped |= op == "close_stop"
+                    closing = ser.close(drain=op == "close")
+                    # CLOSING from the call on, before its coroutine ever ran.
+                    assert life.phase is (Phase.CLOSED if before is Phase.CLOSED else Phase.CLOSING)
+                    observe()
+                    tasks.append(asyncio.ensure_future(closing))
+                elif op in ("submit", "transaction"):
+                    try:
+                        if op == "submit":
+                            accepted.append(ser.submit(_noop, key="k"))
+                        else:
+                            ser.transaction(key="k")  # not entered: refused or not, nothing runs
+                    except SerializerNotStarted:
+                        assert before is Phase.NEW, before
+                    except SerializerClosed as exc:
+                        assert before in (Phase.CLOSING, Phase.CLOSED), before
+                        assert f"is {before.value};" in str(exc)
+                    else:
+                        assert before is Phase.STARTED, before
+                elif op == "step":
+                    await asyncio.sleep(0)
+                else:  # settle
+                    await asyncio.gather(*tasks)
+                observe()
+            closes += 1
+            closing = ser.close()
+            observe()
+            await closing
+            observe()
+            await asyncio.gather(*tasks)
+            observe()
+        finally:
+            if life.phase is not Phase.CLOSED:  # a check failed: close all the same
+                with contextlib.suppress(BaseException):
+                    await ser.close(drain=False)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert life.phase is Phase.CLOSED
+    # The moves made, in order, are a path through the table from NEW; every phase
+    # the caller saw is on it, and none was skipped between two looks.
+    assert [src for src, _ in moves] == [Phase.NEW] + [dst for _, dst in moves[:-1]]
+    for src, dst in moves:
+        assert dst in TRANSITIONS[src], (src, dst)
+    assert seen == [Phase.NEW] + [dst for _, dst in moves]
+    # What was accepted ended: committed, unless a close(drain=False) stopped it.
+    for handle in accepted:
+        assert handle.done()
+        if stopped:
+            assert handle.outcome in (Outcome.COMMITTED, Outcome.WITHDRAWN, Outcome.ROLLED_BACK)
+        else:
+            assert handle.outcome is Outcome.COMMITTED, handle
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(start_first=st.booleans(), ops=st.lists(st.sampled_from(OPS), max_size=16))
+# What it found on the old code, kept: two start()s at once (the second raised
+# SerializerClosed), and a close() while start() connects (its connection stayed open).
+@example(start_first=False, ops=["start_bg", "start", "settle"])
+@example(start_first=False, ops=["start_bg", "step"])
+def test_random_calls_follow_the_table_and_writes_are_taken_only_when_started(
+    tmp_path: Path, start_first: bool, ops: list[str]
+) -> None:
+    # Half the sequences begin started: a close() drawn early would end most others
+    # before anything was accepted.
+    ops = ["start", *ops] if start_first else ops
+    before = _sqlite_threads()
+    asyncio.run(_drive(f"sqlite+aiosqlite:///{tmp_path}/x.db", ops))
+    left = _sqlite_threads() - before
+    for thread in left:
+        thread.join(timeout=5)
+    assert not [t.name for t in left if t.is_alive()], "a connection is still open after close()"
