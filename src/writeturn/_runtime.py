@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _owned
 from ._connections import ConnectionCache
+from ._lifecycle import Lifecycle
 from ._options import Options
 from ._write import WriteRecord
 from .dialects import Dialect, dialect_for
@@ -70,7 +71,7 @@ class Runtime:
         "out_of_line",
         "idle",
         "background",
-        "state",
+        "lifecycle",
     )
 
     def __init__(self, engine: AsyncEngine, options: Options) -> None:
@@ -91,9 +92,11 @@ class Runtime:
         self.out_of_line: set[WriteRecord] = set()
         self.idle = asyncio.Event()
         self.idle.set()
-        # Batch runs: close() waits for them to hand their connections back.
+        # Batch runs and start()'s check of the database: close() waits for them to
+        # hand their connections back.
         self.background: set[asyncio.Task[None]] = set()
-        self.state: Literal["new", "started", "closing", "closed"] = "new"
+        # The serializer's phase (new, started, closing, closed): see _lifecycle.
+        self.lifecycle = Lifecycle()
         _owned.install(engine)
 
     # -- the Owner interface of write records ------------------------------------

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import journal, urls
 from ._batch import BatchRun
+from ._lifecycle import Phase
 from ._options import (
     Coordination,
     Options,
@@ -218,12 +219,27 @@ class WriteSerializer:
     async def start(self) -> None:
         """Check that the database answers, and accept writes. Idempotent."""
         rt = self._rt
-        if rt.state == "started":
+        life = rt.lifecycle
+        if life.phase is Phase.STARTED:
             return
-        if rt.state != "new":
+        if life.phase is not Phase.NEW:
             raise SerializerClosed(
                 "this WriteSerializer is closed; create a new one instead of restarting it"
             )
+        # A task that close() waits for, as for a batch: a close() called meanwhile must
+        # not dispose the engine before this check hands its connection back.
+        check = asyncio.get_running_loop().create_task(self._check_database())
+        rt.keep(check)
+        await check
+        if life.accepts_writes:  # another start() connected first: started
+            return
+        if life.phase is not Phase.NEW:  # close() was called while start() connected
+            raise SerializerClosed("this WriteSerializer was closed while it started")
+        life.move(Phase.STARTED)
+
+    async def _check_database(self) -> None:
+        """start()'s check: the database answers, as the options expect."""
+        rt = self._rt
         try:
             async with rt.engine.connect() as conn:
                 pooled = await rt.dialect.behind_pooler(conn)
@@ -249,9 +265,6 @@ class WriteSerializer:
         if pooled and not rt.options.pgbouncer:
             raise ConfigurationError(_pooler_hint(rt.engine.url, "its session ids differ"))
         _check_isolation(rt, level)
-        if rt.state != "new":  # close() was called while start() connected
-            raise SerializerClosed("this WriteSerializer was closed while it started")
-        rt.state = "started"
 
     def close(self, drain: bool = True, timeout: float | None = None) -> Coroutine[Any, Any, None]:
         """Stop accepting writes, settle the ones in flight, and dispose an owned engine.
@@ -278,9 +291,9 @@ class WriteSerializer:
                 f"close() called inside a write on key {shown(held)} of this serializer would wait "
                 "for that write forever; close the serializer after the write, from outside it"
             )
-        rt = self._rt
-        if rt.state in ("new", "started"):
-            rt.state = "closing"  # _new_record() refuses from now on
+        life = self._rt.lifecycle
+        if life.phase in (Phase.NEW, Phase.STARTED):
+            life.move(Phase.CLOSING)  # _new_record() refuses from now on
         return self._finish_close(drain, timeout)
 
     async def _finish_close(self, drain: bool, timeout: float | None) -> None:
@@ -293,8 +306,7 @@ class WriteSerializer:
         await asyncio.shield(self._closing)
 
     async def _close(self, drain: bool, timeout: float | None) -> None:
-        rt = self._rt
-        rt.state = "closing"
+        rt = self._rt  # CLOSING since the close() call that made this task
         try:
             if not drain:
                 self._stop_all()
@@ -312,7 +324,7 @@ class WriteSerializer:
             await rt.connections.close()
             if self._owns_engine:
                 await rt.engine.dispose()
-            rt.state = "closed"
+            rt.lifecycle.move(Phase.CLOSED)
 
     def _stop_all(self) -> None:
         for record in self._rt.unsettled():
@@ -542,7 +554,7 @@ class WriteSerializer:
         rt = self._rt
         return (
             f"<WriteSerializer {redact(rt.engine.url)} coordination={rt.options.coordination} "
-            f"{rt.state} queued={s.queued} running={s.running}>"
+            f"{rt.lifecycle.phase.value} queued={s.queued} running={s.running}>"
         )
 
     # -- internals -------------------------------------------------------------------
@@ -560,10 +572,13 @@ class WriteSerializer:
         context: contextvars.Context | None = None,
     ) -> WriteRecord:
         rt = self._rt
-        if rt.state != "started":
-            if rt.state == "new":
+        life = rt.lifecycle
+        if not life.accepts_writes:
+            if life.phase is Phase.NEW:
                 raise SerializerNotStarted()
-            raise SerializerClosed(f"this WriteSerializer is {rt.state}; it accepts no new writes")
+            raise SerializerClosed(
+                f"this WriteSerializer is {life.phase.value}; it accepts no new writes"
+            )
         k = check_key(key)
         w = check_writer(writer)
         seconds = None if timeout is None else check_seconds("timeout", timeout, allow_zero=False)
