@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import enum
 
+from .errors import SerializerClosed, SerializerNotStarted
+
 __all__ = ["Phase", "TRANSITIONS", "Lifecycle"]
 
 
@@ -85,6 +87,14 @@ class Lifecycle:
     def accepts_writes(self) -> bool:
         """Only a started serializer takes new writes."""
         return self._phase is Phase.STARTED
+
+    def refusal(self) -> SerializerNotStarted | SerializerClosed:
+        """What a write offered outside STARTED is refused with."""
+        if self._phase is Phase.NEW:
+            return SerializerNotStarted()
+        return SerializerClosed(
+            f"this WriteSerializer is {self._phase.value}; it accepts no new writes"
+        )
 
     def move(self, to: Phase) -> None:
         """Go to ``to``; refuse (AssertionError) any move ``TRANSITIONS`` does not allow."""

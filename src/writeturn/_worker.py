@@ -238,9 +238,15 @@ class TransactionContext:
         assert task is not None
         self._task, self._entry = task, task.cancelling()
         record.run_by(self)
+        rt.enter(record)
+        if not rt.lifecycle.accepts_writes:
+            # Made while the serializer was started, entered after close() was called:
+            # refused as a write offered now would be (its outcome WITHDRAWN).
+            refused = rt.lifecycle.refusal()
+            record.settle(Outcome.WITHDRAWN, exception=refused)
+            raise refused
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         record.add_waiter(granted)
-        rt.enter(record)
         record.arm(on_grant=lambda _: _resolve(granted))
         if rt.turns.enqueue(record.key, record):
             record.on_grant()

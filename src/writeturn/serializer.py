@@ -39,7 +39,6 @@ from .errors import (
     QueueFull,
     ReentrantWriteError,
     SerializerClosed,
-    SerializerNotStarted,
     shown,
 )
 from .handle import WriteHandle
@@ -574,11 +573,7 @@ class WriteSerializer:
         rt = self._rt
         life = rt.lifecycle
         if not life.accepts_writes:
-            if life.phase is Phase.NEW:
-                raise SerializerNotStarted()
-            raise SerializerClosed(
-                f"this WriteSerializer is {life.phase.value}; it accepts no new writes"
-            )
+            raise life.refusal()
         k = check_key(key)
         w = check_writer(writer)
         seconds = None if timeout is None else check_seconds("timeout", timeout, allow_zero=False)
