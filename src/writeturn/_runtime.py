@@ -116,6 +116,10 @@ class Runtime:
         if not self.live:
             self.idle.set()
 
+    @property
+    def journal_all(self) -> bool:
+        return self.options.journal
+
     # -- helpers for the layers below ------------------------------------------
 
     def enter(self, record: WriteRecord) -> None:

@@ -104,6 +104,11 @@ class Owner(Protocol):
         """Where the write reports its waits, holds, stops and outcome."""
         ...
 
+    @property
+    def journal_all(self) -> bool:
+        """Every write is journaled (the serializer's ``journal=True``)."""
+        ...
+
 
 class Runner(Protocol):
     """Whoever runs a granted write: told when a stop must be acted on."""
@@ -137,7 +142,6 @@ class WriteRecord(Waiter):
         "context",
         "timeout",
         "idempotency_key",
-        "journaled",
         "retries",
         "attempts",
         "began",
@@ -167,7 +171,6 @@ class WriteRecord(Waiter):
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
-        journaled: bool = False,
         retries: int = 0,
         context: contextvars.Context | None = None,
     ) -> None:
@@ -179,7 +182,6 @@ class WriteRecord(Waiter):
         self.context = context  # the submitter's, copied: the function runs in it
         self.timeout = timeout
         self.idempotency_key = idempotency_key
-        self.journaled = journaled
         self.retries = retries  # how many times a transient failure may be retried
         self.attempts = 0  # retries made so far
         self.began = False  # its transaction began at least once (its function may have run)
@@ -210,6 +212,11 @@ class WriteRecord(Waiter):
         """Event-loop time its timeout expires; None without one, or once it has."""
         timer = self._timer
         return None if timer is None else timer.when()
+
+    @property
+    def journaled(self) -> bool:
+        """It gets a journal row: it has an idempotency key, or every write does."""
+        return self.idempotency_key is not None or self._owner.journal_all
 
     @property
     def seq(self) -> int | None:

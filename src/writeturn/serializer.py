@@ -596,7 +596,6 @@ class WriteSerializer:
             kwargs,
             timeout=seconds,
             idempotency_key=ik,
-            journaled=rt.options.journal or ik is not None,
             retries=retries,
             context=context,
         )

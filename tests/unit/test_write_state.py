@@ -27,6 +27,7 @@ class Owner:
         self.live: set[WriteRecord] = set()
         self.releases = 0
         self.counters = Counters()
+        self.journal_all = False
 
     def withdraw(self, record: WriteRecord) -> bool:
         return self.turns.withdraw(record.key, record)

@@ -9,7 +9,7 @@ from ._model import CellResult, MemoryResult, TargetResult
 
 __all__ = ["compute_targets", "MEMORY_TARGET_BYTES"]
 
-MEMORY_TARGET_BYTES = 512
+MEMORY_TARGET_BYTES = 384
 TURN_VS_RAW = 0.95
 ADVISORY_VS_BEST = 1.0
 BATCH_VS_TURN = 3.0
