@@ -45,8 +45,11 @@ def holds_turn(rt: Runtime, key: str | None = None, *, inside: bool = False) -> 
     turn is still taken: a ``transaction()`` block's holder is the caller's
     task, which runs on after the block has handed its turn on.
     """
+    marks = HELD.get()
+    if not marks:
+        return None  # the common case: no turn held anywhere up this task's line
     task = asyncio.current_task()
-    for owner, held, holder in HELD.get():
+    for owner, held, holder in marks:
         if owner is not rt or not (key is None or held == key or rt.gate):
             continue
         if holder is task:
