@@ -5,26 +5,14 @@ write, a batch, a ``transaction()`` block). It knows the runtime and the
 connection, never a write's record: the runners move their records' states
 around these calls.
 
-Where a cancellation can land in a transaction, and what happens:
-
-* the pool checkout (:meth:`Transaction.connect`): abandoned; nothing began, and
-  the connect finishes in the background (its connection is parked or closed);
-* BEGIN and the lock, the journal row, the write function's statements
-  through :class:`WriteSession`, the flush before COMMIT (:meth:`Transaction.call`):
-  the statement finishes, or after ``cancel_grace`` the driver stops it with
-  an ordinary error; then the runner rolls back;
-* COMMIT, ROLLBACK and handing the connection back (``interruptible=False``):
-  they run to the end; the cancellation is noted and raised afterwards.
-
-A runner on writeturn's own task (``owns_task=True``) never cancels that task
-while a call is in flight (it asks :meth:`Transaction.stop` instead), so the
-call runs inline. On a caller's task (``transaction()``), each call runs in a
-task of its own (:func:`run_apart`) that a cancellation cannot cut.
+Every database call it makes goes through its :class:`~writeturn._calls.Calls`,
+the funnel that keeps cancellations out of statements (where a cancellation
+can land, and what happens, is told there).
 
 # Invariants:
 # - ``began`` is set before BEGIN is sent, so a cut-off BEGIN is rolled back too;
 # - the connection is owned (see _owned) from BEGIN until finish();
-# - an interrupt sent for one statement has landed before the next call starts.
+# - the funnel's ``conn`` is the transaction's connection at every await.
 """
 
 from __future__ import annotations
@@ -32,16 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _owned, journal
+from ._calls import Calls, SessionGate
 from ._error_kinds import ErrorKind, classify
-from ._guard import GuardedTask, run_apart, settle
 from ._runtime import Runtime
 from ._session import WriteSession
 from ._write import State, WriteRecord
@@ -61,8 +49,6 @@ __all__ = ["Transaction", "JournalRow", "call_function", "own_outcome", "own_row
 
 log = logging.getLogger("writeturn")
 
-T = TypeVar("T")
-
 
 class Transaction:
     """One transaction on one connection for the write(s) holding ``key``'s turn."""
@@ -70,19 +56,12 @@ class Transaction:
     __slots__ = (
         "_rt",
         "_key",
-        "_owns_task",
-        "_on_cancel",
-        "_cancel_pending",
+        "_calls",
         "conn",
         "began",
-        "stopped",
-        "in_call",
         "_xid",
         "_session",
         "_sessions",
-        "_interrupt_timer",
-        "_interrupt_task",
-        "_terminate_timer",
     )
 
     def __init__(
@@ -96,147 +75,39 @@ class Transaction:
     ) -> None:
         self._rt = rt
         self._key = key
-        self._owns_task = owns_task
-        # transaction(): told when the caller's task was cancelled during a call
-        # that must finish (COMMIT), and asked before each statement whether the
-        # task still has a cancellation nobody took back.
-        self._on_cancel = on_cancel
-        self._cancel_pending = cancel_pending
+        opts = rt.options
+        self._calls = Calls(
+            rt.dialect,
+            rt.engine,
+            rt.counters,
+            key,
+            cancel_grace=opts.cancel_grace,
+            cleanup_timeout=opts.cleanup_timeout,
+            owns_task=owns_task,
+            on_cancel=on_cancel,
+            cancel_pending=cancel_pending,
+        )
         self.conn: AsyncConnection | None = None
         self.began = False
-        self.stopped = False  # the write being run was stopped: no new statement starts
-        self.in_call = False  # a database call runs inline on the owned task
         self._xid: int | None = None
         self._session: WriteSession | None = None
-        self._sessions: list[_SessionGate] = []
-        self._interrupt_timer: asyncio.TimerHandle | None = None
-        self._interrupt_task: asyncio.Task[None] | None = None
-        self._terminate_timer: asyncio.TimerHandle | None = None
+        self._sessions: list[SessionGate] = []
 
     # -- stopping ------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """The write being run was stopped: no new statement starts."""
+        return self._calls.stopped
 
     def stop(self) -> None:
         """The write being run was stopped: refuse new statements, and stop the one in
         flight after ``cancel_grace`` (never by cancelling into the driver)."""
-        self.stopped = True
-        if self.in_call:
-            self._schedule_interrupt()
+        self._calls.stop()
 
     def resume(self) -> None:
         """A batch moves on to its next write: a stop of the previous one no longer applies."""
-        self.stopped = False
-
-    # -- database calls --------------------------------------------------------------
-
-    async def call(self, coro: Coroutine[Any, Any, T], *, interruptible: bool = True) -> T:
-        """Run one database call so that no cancellation lands inside it.
-
-        Interruptible calls (statements before COMMIT) refuse to start once the
-        write was stopped, and raise ``CancelledError`` after finishing if a
-        cancellation arrived meanwhile; one that outlives ``cancel_grace`` is
-        stopped by the driver with an ordinary error. Other calls (COMMIT,
-        ROLLBACK, close) always run to the end and return or raise what the
-        database said; a cancellation is noted and raised afterwards.
-
-        A cancellation that came from inside the write function (its own
-        ``asyncio.timeout()`` around a statement) ends the statement, not the
-        write: once it has been taken back, the next statement runs.
-        """
-        if interruptible and (
-            self.stopped or (self._cancel_pending is not None and self._cancel_pending())
-        ):
-            coro.close()
-            raise asyncio.CancelledError
-        if self._owns_task:
-            return await self._call_inline(coro, interruptible)
-        task, cancelled = await run_apart(coro, self._schedule_interrupt if interruptible else None)
-        if await self._finish_interrupt():
-            cancelled = True
-        if cancelled and interruptible:
-            err = asyncio.CancelledError()
-            if not task.cancelled():
-                err.__context__ = task.exception()
-            raise err
-        if cancelled and self._on_cancel is not None:
-            self._on_cancel()
-        return task.result()
-
-    async def _call_inline(self, coro: Coroutine[Any, Any, T], interruptible: bool) -> T:
-        task = asyncio.current_task()
-        assert isinstance(task, GuardedTask), "owns_task needs a GuardedTask"
-        self.in_call = True
-        try:
-            result: T = await task.guarded(
-                coro, self._schedule_interrupt if interruptible else _held_back
-            )
-            return result
-        finally:
-            self.in_call = False
-            if await self._finish_interrupt():
-                task.hold()
-            if interruptible:
-                await task.deliver()  # a cancellation held back during the call lands here
-                if self.stopped:
-                    raise asyncio.CancelledError
-
-    def _schedule_interrupt(self) -> None:
-        if self._interrupt_timer is not None or self._interrupt_task is not None:
-            return
-        grace = self._rt.options.cancel_grace
-        self._interrupt_timer = asyncio.get_running_loop().call_later(grace, self._interrupt)
-
-    def _interrupt(self) -> None:
-        self._interrupt_timer = None
-        if self.conn is None:
-            return
-        self._rt.counters.interrupts += 1
-        self._interrupt_task = asyncio.ensure_future(
-            self._rt.dialect.interrupt(self.conn, self._rt.engine)
-        )
-        self._arm_terminate()
-
-    def _arm_terminate(self) -> None:
-        """If the connection does not answer within cleanup_timeout, terminate it."""
-        if self._terminate_timer is None:
-            loop = asyncio.get_running_loop()
-            self._terminate_timer = loop.call_later(
-                self._rt.options.cleanup_timeout, self._terminate
-            )
-
-    def _disarm_terminate(self) -> None:
-        if self._terminate_timer is not None:
-            self._terminate_timer.cancel()
-            self._terminate_timer = None
-
-    def _terminate(self) -> None:
-        # The statement or ROLLBACK hangs (a frozen server, a dead network):
-        # close the socket; the call in flight then fails, the database rolls
-        # back when it notices, and the turn passes on.
-        self._terminate_timer = None
-        if self.conn is not None:
-            log.warning(
-                "writeturn: the connection of the write on key %r did not answer within "
-                "cleanup_timeout=%ss; terminating it",
-                self._key,
-                self._rt.options.cleanup_timeout,
-            )
-            self._rt.dialect.terminate(self.conn)
-
-    async def _finish_interrupt(self) -> bool:
-        """Wait until an interrupt on its way has landed: it could otherwise stop the
-        *next* statement on this connection (ROLLBACK, or another write's).
-        Returns True if the task was cancelled during that wait."""
-        if self._interrupt_timer is not None:
-            self._interrupt_timer.cancel()
-            self._interrupt_timer = None
-        self._disarm_terminate()
-        task, self._interrupt_task = self._interrupt_task, None
-        if task is None:
-            return False
-        cancelled = await settle(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("writeturn: interrupting a statement failed: %r", task.exception())
-        return cancelled
+        self._calls.resume()
 
     # -- the steps of a transaction ------------------------------------------------------
 
@@ -258,11 +129,11 @@ class Transaction:
         for _ in range(3):
             conn = rt.connections.take() or await self._checkout()
             if rt.dialect.alive(conn):
-                self.conn = conn
+                self.conn = self._calls.conn = conn
                 return
             log.info("writeturn: a connection had been closed by the server while idle")
-            self.conn = conn
-            await self.call(conn.invalidate(), interruptible=False)
+            self.conn = self._calls.conn = conn
+            await self._calls.call(conn.invalidate(), interruptible=False)
             await self._hand_back()
         await self._checkout_failed(ConnectionError("three connections in a row were dead"))
 
@@ -276,7 +147,7 @@ class Transaction:
             # connect ends in the background, and its connection is parked or closed.
             await asyncio.shield(checkout)
         except asyncio.CancelledError:
-            self.stopped = True
+            self._calls.stopped = True
             rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
             raise
         except Exception:
@@ -284,7 +155,7 @@ class Transaction:
         exc = checkout.exception()
         if exc is not None:
             await self._checkout_failed(exc)
-        if self.stopped:
+        if self._calls.stopped:
             rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
             raise asyncio.CancelledError
         return checkout.result()
@@ -316,7 +187,7 @@ class Transaction:
         dialect = self._rt.dialect
         self.began = True
         try:
-            self._xid = await self.call(dialect.begin(self._conn(), self._key, deadline))
+            self._xid = await self._calls.call(dialect.begin(self._conn(), self._key, deadline))
         except DBAPIError as exc:
             if ErrorKind.LOST not in self._kind(exc):
                 raise
@@ -324,13 +195,13 @@ class Transaction:
             self.began = False  # the dead connection's transaction died with it
             await self.connect()
             self.began = True
-            self._xid = await self.call(dialect.begin(self._conn(), self._key, deadline))
+            self._xid = await self._calls.call(dialect.begin(self._conn(), self._key, deadline))
         _owned.own(self._conn())
 
     def session(self) -> WriteSession:
         """The session the write function gets; refused once this transaction has ended."""
         if self._session is None:
-            gate = _SessionGate(self)
+            gate = SessionGate(self._calls)
             self._sessions.append(gate)
             self._session = WriteSession(
                 gate.call,
@@ -345,7 +216,7 @@ class Transaction:
         if record.journaled:
             writer = None if record.writer is None else str(record.writer)
             opts = self._rt.options
-            entry = await self.call(
+            entry = await self._calls.call(
                 journal.record(
                     self._conn(), opts.namespace, record.key, record.idempotency_key, writer
                 )
@@ -356,7 +227,7 @@ class Transaction:
         """Send the session's pending ORM changes: still the write function's work."""
         session = self._session
         if session is not None and (session.new or session.dirty or session.deleted):
-            await self.call(AsyncSession.flush(session))
+            await self._calls.call(AsyncSession.flush(session))
 
     async def commit(self, own_row: JournalRow | None) -> tuple[Outcome, BaseException | None]:
         """COMMIT, and learn its outcome: what the database did, never a guess.
@@ -377,7 +248,7 @@ class Transaction:
             return Outcome.ROLLED_BACK, aborted
         _owned.ending(conn)
         try:
-            await self.call(conn.commit(), interruptible=False)
+            await self._calls.call(conn.commit(), interruptible=False)
         except Exception as exc:
             try:
                 return await self._commit_failed(exc, own_row)
@@ -394,7 +265,7 @@ class Transaction:
         # A statement failed and nobody raised: is the transaction still alive
         # (the failure was rolled back to a savepoint), or aborted?
         try:
-            await self.call(conn.exec_driver_sql("SELECT 1"), interruptible=False)
+            await self._calls.call(conn.exec_driver_sql("SELECT 1"), interruptible=False)
         except DBAPIError as exc:
             if ErrorKind.LOST in self._kind(exc):
                 return None  # COMMIT will find the connection dead and say so
@@ -430,11 +301,13 @@ class Transaction:
             # constraint): the database rolled the transaction back.
             await self.rollback()
             return Outcome.ROLLED_BACK, exc
-        outcome = await self.call(
+        outcome = await self._calls.call(
             rt.dialect.commit_outcome(rt.engine, self._xid), interruptible=False
         )
         if outcome is Outcome.UNKNOWN and own_row is not None:
-            outcome = await self.call(self._outcome_from_journal(own_row), interruptible=False)
+            outcome = await self._calls.call(
+                self._outcome_from_journal(own_row), interruptible=False
+            )
         if outcome is Outcome.COMMITTED:
             log.info("writeturn: COMMIT on key %r lost its connection but had landed", self._key)
             return outcome, None
@@ -484,23 +357,23 @@ class Transaction:
         if conn is None or conn.invalidated or not self.began:
             return
         _owned.ending(conn)
-        self._arm_terminate()
+        self._calls.arm_terminate()
         try:
-            await self.call(conn.rollback(), interruptible=False)
+            await self._calls.call(conn.rollback(), interruptible=False)
             if self._rt.dialect.driver_in_transaction(conn):
                 # SQLAlchemy lost track of the transaction (a refused commit()
                 # deactivates it), but the database still has it open.
-                await self.call(conn.run_sync(_rollback_driver), interruptible=False)
+                await self._calls.call(conn.run_sync(_rollback_driver), interruptible=False)
                 if self._rt.dialect.driver_in_transaction(conn):
                     raise RuntimeError("the connection is still inside a transaction")
         except Exception as exc:
             log.warning("writeturn: ROLLBACK failed (%r); discarding the connection", exc)
             try:
-                await self.call(conn.invalidate(), interruptible=False)
+                await self._calls.call(conn.invalidate(), interruptible=False)
             except Exception:
                 pass
         finally:
-            self._disarm_terminate()
+            self._calls.disarm_terminate()
             self.began = False
 
     def lost(self, error: BaseException | None) -> bool:
@@ -546,6 +419,7 @@ class Transaction:
 
     async def _hand_back(self) -> None:
         conn, self.conn = self._conn(), None
+        self._calls.conn = None
         rt = self._rt
         _owned.disown(conn)
         if not conn.invalidated and rt.dialect.holds_lock(conn):
@@ -556,7 +430,7 @@ class Transaction:
         elif rt.connections.park(conn):
             return  # kept for the next write: no pool round trip
         try:
-            await self.call(conn.close(), interruptible=False)
+            await self._calls.call(conn.close(), interruptible=False)
         except Exception as exc:
             log.warning("writeturn: returning a connection failed (%r)", exc)
 
@@ -564,13 +438,13 @@ class Transaction:
         """Release the key's lock a snapshot-level BEGIN took; a connection that cannot
         be unlocked is discarded (its session, and so its lock, ends with it)."""
         try:
-            await self.call(self._rt.dialect.release(conn), interruptible=False)
+            await self._calls.call(self._rt.dialect.release(conn), interruptible=False)
         except Exception as exc:
             log.warning(
                 "writeturn: releasing a key's lock failed (%r); discarding the connection", exc
             )
             try:
-                await self.call(conn.invalidate(), interruptible=False)
+                await self._calls.call(conn.invalidate(), interruptible=False)
             except Exception:
                 pass
 
@@ -586,32 +460,8 @@ class Transaction:
         return self.conn
 
 
-def _held_back() -> None:
-    """A cancellation during COMMIT or ROLLBACK: nothing to stop; it is raised later."""
-
-
 def _rollback_driver(sync_conn: Any) -> None:
     sync_conn.connection.dbapi_connection.rollback()
-
-
-class _SessionGate:
-    """The call function a session gets: refused once its transaction has ended."""
-
-    __slots__ = ("_txn", "open")
-
-    def __init__(self, txn: Transaction) -> None:
-        self._txn = txn
-        self.open = True
-
-    async def call(self, coro: Coroutine[Any, Any, T], *, interruptible: bool = True) -> T:
-        if not self.open:
-            coro.close()
-            raise TransactionOwnedError(
-                "this session belongs to a writeturn write that has ended; a task the write "
-                "function started outlived it. Await such work inside the function, or start "
-                "a new write for it"
-            )
-        return await self._txn.call(coro, interruptible=interruptible)
 
 
 #: A journal row a transaction inserted: (idempotency key, seq).
