@@ -5,14 +5,17 @@ write, a batch, a ``transaction()`` block). It knows the runtime and the
 connection, never a write's record: the runners move their records' states
 around these calls.
 
-Every database call it makes goes through its :class:`~writeturn._calls.Calls`,
-the funnel that keeps cancellations out of statements (where a cancellation
-can land, and what happens, is told there).
+It is built from narrower parts, each given only what it uses:
+
+* :class:`~writeturn._calls.Calls`, the funnel every database call goes
+  through so that no cancellation lands inside a statement (where a
+  cancellation can land, and what happens, is told there);
+* :class:`~writeturn._lease.Lease`, the connection from checkout to hand-back,
+  and whether it was lost.
 
 # Invariants:
 # - ``began`` is set before BEGIN is sent, so a cut-off BEGIN is rolled back too;
-# - the connection is owned (see _owned) from BEGIN until finish();
-# - the funnel's ``conn`` is the transaction's connection at every await.
+# - the connection is owned (see _owned) from BEGIN until finish() hands it back.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _owned, journal
 from ._calls import Calls, SessionGate
 from ._error_kinds import ErrorKind, classify
+from ._lease import Lease
 from ._runtime import Runtime
 from ._session import WriteSession
 from ._write import State, WriteRecord
@@ -38,12 +41,11 @@ from .errors import (
     ConnectionLost,
     DatabaseUnreachable,
     OutcomeUnknown,
-    PoolExhausted,
     TransactionAborted,
     TransactionOwnedError,
 )
 from .outcome import Outcome
-from .urls import describe_error, redact
+from .urls import describe_error
 
 __all__ = ["Transaction", "JournalRow", "call_function", "own_outcome", "own_row", "retry_delay"]
 
@@ -57,7 +59,7 @@ class Transaction:
         "_rt",
         "_key",
         "_calls",
-        "conn",
+        "_lease",
         "began",
         "_xid",
         "_session",
@@ -87,7 +89,9 @@ class Transaction:
             on_cancel=on_cancel,
             cancel_pending=cancel_pending,
         )
-        self.conn: AsyncConnection | None = None
+        self._lease = Lease(
+            self._calls, rt.engine, rt.dialect, rt.connections, rt.counters, rt.keep, key
+        )
         self.began = False
         self._xid: int | None = None
         self._session: WriteSession | None = None
@@ -111,70 +115,9 @@ class Transaction:
 
     # -- the steps of a transaction ------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Take a parked connection, or check one out of the pool; never a dead one.
-
-        A connection the server closed while it sat idle (a restart, an idle
-        timeout, ``pg_terminate_backend``) is discarded here, before anything of
-        the write ran, at no cost to the write. Nothing has begun, so a
-        cancellation simply abandons the checkout. Raises
-        :class:`DatabaseUnreachable` if the database cannot be reached, and
-        :class:`PoolExhausted` if the pool gave no connection in ``pool_timeout``.
-        """
-        if self.conn is not None and not self.conn.invalidated:
-            return
-        if self.conn is not None:
-            await self._hand_back()
-        rt = self._rt
-        for _ in range(3):
-            conn = rt.connections.take() or await self._checkout()
-            if rt.dialect.alive(conn):
-                self.conn = self._calls.conn = conn
-                return
-            log.info("writeturn: a connection had been closed by the server while idle")
-            self.conn = self._calls.conn = conn
-            await self._calls.call(conn.invalidate(), interruptible=False)
-            await self._hand_back()
-        await self._checkout_failed(ConnectionError("three connections in a row were dead"))
-
-    async def _checkout(self) -> AsyncConnection:
-        rt = self._rt
-        checkout = asyncio.ensure_future(AsyncConnection(rt.engine).start())
-        try:
-            # A stop leaves at once but never cuts the connect off: asyncpg cut
-            # off while it negotiates SSL (sslmode=prefer, the default) leaves a
-            # future whose error nobody retrieves, and asyncio logs it. The
-            # connect ends in the background, and its connection is parked or closed.
-            await asyncio.shield(checkout)
-        except asyncio.CancelledError:
-            self._calls.stopped = True
-            rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
-            raise
-        except Exception:
-            pass  # raised below, from the checkout itself
-        exc = checkout.exception()
-        if exc is not None:
-            await self._checkout_failed(exc)
-        if self._calls.stopped:
-            rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
-            raise asyncio.CancelledError
-        return checkout.result()
-
-    async def _checkout_failed(self, exc: BaseException) -> NoReturn:
-        engine = self._rt.engine
-        if isinstance(exc, sa_exc.TimeoutError):
-            pool = engine.pool
-            raise PoolExhausted(
-                f"no connection of the engine's pool became free for the write on key "
-                f"{self._key!r} ({pool.status()}); the write did not begin. Raise the pool's "
-                "size (pool_size, max_overflow), give readers their own engine, or lower "
-                "pool_timeout to fail sooner"
-            ) from exc
-        url = engine.url
-        raise DatabaseUnreachable(
-            f"cannot reach {redact(url)} for the write on key {self._key!r}: "
-            f"{describe_error(exc, url)}; the write did not begin"
-        ) from exc
+    def connect(self) -> Coroutine[Any, Any, None]:
+        """Take a live connection (see :meth:`~writeturn._lease.Lease.connect`)."""
+        return self._lease.connect()  # its coroutine itself: no extra await on the way
 
     async def begin(self, deadline: float | None) -> None:
         """BEGIN (and the lock); a connection found dead here is replaced once.
@@ -352,7 +295,7 @@ class Transaction:
 
     async def rollback(self) -> None:
         """ROLLBACK, bounded by cleanup_timeout; a connection that fails it is discarded."""
-        conn = self.conn
+        conn = self._lease.conn
         self._drop_session()
         if conn is None or conn.invalidated or not self.began:
             return
@@ -376,32 +319,14 @@ class Transaction:
             self._calls.disarm_terminate()
             self.began = False
 
-    def lost(self, error: BaseException | None) -> bool:
-        """Whether the connection died (read before finish())."""
-        conn = self.conn
-        if conn is not None and (conn.invalidated or not self._rt.dialect.alive(conn)):
-            return True
-        return error is not None and ErrorKind.LOST in self._kind(error)
-
     def _kind(self, exc: BaseException) -> ErrorKind:
         """What ``exc`` means on this transaction's database."""
         return classify(self._rt.dialect.name, exc)
 
     def explain(self, outcome: Outcome, error: BaseException | None) -> BaseException | None:
-        """The error a write ends with: a lost connection becomes :class:`ConnectionLost`."""
-        if (
-            error is None
-            or isinstance(error, asyncio.CancelledError | OutcomeUnknown)
-            or not self.lost(error)
-        ):
-            return error
-        cause = describe_error(error, self._rt.engine.url)
-        err = ConnectionLost(
-            f"the connection to the database was lost during the write on key "
-            f"{self._key!r}; outcome {outcome.value}: {cause}"
-        )
-        err.__cause__ = error
-        return err
+        """The error a write ends with: a lost connection becomes :class:`ConnectionLost`
+        (read before finish(); see :meth:`~writeturn._lease.Lease.explain`)."""
+        return self._lease.explain(outcome, error)
 
     async def finish(self) -> None:
         """End this transaction's use of the connection: park it or hand it back.
@@ -413,40 +338,9 @@ class Transaction:
         for gate in self._sessions:
             gate.open = False
         self._sessions.clear()
-        if self.conn is not None:
-            await self._hand_back()
+        if self._lease.conn is not None:
+            await self._lease.hand_back()
         self.began = False
-
-    async def _hand_back(self) -> None:
-        conn, self.conn = self._conn(), None
-        self._calls.conn = None
-        rt = self._rt
-        _owned.disown(conn)
-        if not conn.invalidated and rt.dialect.holds_lock(conn):
-            await self._release_lock(conn)
-        if conn.invalidated:
-            rt.counters.connections_invalidated += 1
-            rt.connections.drop_all()
-        elif rt.connections.park(conn):
-            return  # kept for the next write: no pool round trip
-        try:
-            await self._calls.call(conn.close(), interruptible=False)
-        except Exception as exc:
-            log.warning("writeturn: returning a connection failed (%r)", exc)
-
-    async def _release_lock(self, conn: AsyncConnection) -> None:
-        """Release the key's lock a snapshot-level BEGIN took; a connection that cannot
-        be unlocked is discarded (its session, and so its lock, ends with it)."""
-        try:
-            await self._calls.call(self._rt.dialect.release(conn), interruptible=False)
-        except Exception as exc:
-            log.warning(
-                "writeturn: releasing a key's lock failed (%r); discarding the connection", exc
-            )
-            try:
-                await self._calls.call(conn.invalidate(), interruptible=False)
-            except Exception:
-                pass
 
     def _drop_session(self) -> None:
         """Detach what the write loaded; the session never owned the connection
@@ -456,8 +350,9 @@ class Transaction:
             self._session = None
 
     def _conn(self) -> AsyncConnection:
-        assert self.conn is not None
-        return self.conn
+        conn = self._lease.conn
+        assert conn is not None
+        return conn
 
 
 def _rollback_driver(sync_conn: Any) -> None:
