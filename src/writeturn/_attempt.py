@@ -30,8 +30,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from ._commit_outcome import own_outcome, own_row
 from ._session import WriteSession
-from ._transaction import Transaction, call_function, own_outcome, own_row
+from ._transaction import Transaction, call_function
 from ._write import State, WriteRecord
 from .outcome import Outcome
 

@@ -11,7 +11,9 @@ It is built from narrower parts, each given only what it uses:
   through so that no cancellation lands inside a statement (where a
   cancellation can land, and what happens, is told there);
 * :class:`~writeturn._lease.Lease`, the connection from checkout to hand-back,
-  and whether it was lost.
+  and whether it was lost;
+* :class:`~writeturn._commit_outcome.CommitOutcome`, what became of COMMIT
+  when it failed or its connection died.
 
 # Invariants:
 # - ``began`` is set before BEGIN is sent, so a cut-off BEGIN is rolled back too;
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -31,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _owned, journal
 from ._calls import Calls, SessionGate
+from ._commit_outcome import CommitOutcome, JournalRow
 from ._error_kinds import ErrorKind, classify
 from ._lease import Lease
 from ._runtime import Runtime
@@ -40,14 +43,10 @@ from .errors import (
     ConfigurationError,
     ConnectionLost,
     DatabaseUnreachable,
-    OutcomeUnknown,
-    TransactionAborted,
-    TransactionOwnedError,
 )
 from .outcome import Outcome
-from .urls import describe_error
 
-__all__ = ["Transaction", "JournalRow", "call_function", "own_outcome", "own_row", "retry_delay"]
+__all__ = ["Transaction", "call_function", "retry_delay"]
 
 log = logging.getLogger("writeturn")
 
@@ -60,6 +59,7 @@ class Transaction:
         "_key",
         "_calls",
         "_lease",
+        "_outcome",
         "began",
         "_xid",
         "_session",
@@ -92,6 +92,7 @@ class Transaction:
         self._lease = Lease(
             self._calls, rt.engine, rt.dialect, rt.connections, rt.counters, rt.keep, key
         )
+        self._outcome = CommitOutcome(self._calls, rt.engine, rt.dialect, opts.namespace, key)
         self.began = False
         self._xid: int | None = None
         self._session: WriteSession | None = None
@@ -132,7 +133,7 @@ class Transaction:
         try:
             self._xid = await self._calls.call(dialect.begin(self._conn(), self._key, deadline))
         except DBAPIError as exc:
-            if ErrorKind.LOST not in self._kind(exc):
+            if ErrorKind.LOST not in classify(dialect.name, exc):
                 raise
             log.info("writeturn: a connection was dead at BEGIN; taking a fresh one (%s)", exc)
             self.began = False  # the dead connection's transaction died with it
@@ -175,17 +176,18 @@ class Transaction:
     async def commit(self, own_row: JournalRow | None) -> tuple[Outcome, BaseException | None]:
         """COMMIT, and learn its outcome: what the database did, never a guess.
 
-        ``own_row`` is a journal row this transaction inserted (see :func:`own_row`):
-        if the connection dies during COMMIT and the transaction id cannot tell,
-        whether that row exists tells. A row some other transaction wrote (a
-        duplicate's) tells nothing about this one and is never asked.
+        ``own_row`` is a journal row this transaction inserted (see
+        :func:`~writeturn._commit_outcome.own_row`): if the connection dies
+        during COMMIT and the transaction id cannot tell, whether that row
+        exists tells. A row some other transaction wrote (a duplicate's) tells
+        nothing about this one and is never asked.
 
         On Postgres a statement that failed inside the write aborts the whole
         transaction, even if the function caught the error, and COMMIT then
         rolls back without an error: that is found out first and reported.
         """
         conn = self._conn()
-        aborted = await self._aborted()
+        aborted = await self._outcome.aborted(conn)
         if aborted is not None:
             await self.rollback()
             return Outcome.ROLLED_BACK, aborted
@@ -194,104 +196,14 @@ class Transaction:
             await self._calls.call(conn.commit(), interruptible=False)
         except Exception as exc:
             try:
-                return await self._commit_failed(exc, own_row)
+                if self._outcome.refused(conn, exc):
+                    await self.rollback()
+                    return Outcome.ROLLED_BACK, exc
+                return await self._outcome.learn(exc, self._xid, own_row)
             finally:
                 self.began = False
         self.began = False
         return Outcome.COMMITTED, None
-
-    async def _aborted(self) -> TransactionAborted | None:
-        conn = self._conn()
-        first = _owned.failed(conn)
-        if first is None or not self._rt.dialect.aborts_on_error:
-            return None
-        # A statement failed and nobody raised: is the transaction still alive
-        # (the failure was rolled back to a savepoint), or aborted?
-        try:
-            await self._calls.call(conn.exec_driver_sql("SELECT 1"), interruptible=False)
-        except DBAPIError as exc:
-            if ErrorKind.LOST in self._kind(exc):
-                return None  # COMMIT will find the connection dead and say so
-            # ABORTED, or an error that leaves the transaction as unable to commit.
-            err = TransactionAborted(
-                f"a statement failed inside the write on key {self._key!r} and its error was "
-                f"caught ({describe_error(first, self._rt.engine.url)}); the database aborted "
-                "the transaction, so nothing of the write was committed (ROLLED_BACK). Let the "
-                "error propagate, or run the statement that may fail inside "
-                "`async with session.begin_nested():` so that only it is rolled back"
-            )
-            err.__cause__ = first
-            return err
-        return None
-
-    async def _commit_failed(
-        self, exc: Exception, own_row: JournalRow | None
-    ) -> tuple[Outcome, BaseException | None]:
-        conn = self._conn()
-        rt = self._rt
-        if isinstance(exc, TransactionOwnedError):
-            await self.rollback()
-            return Outcome.ROLLED_BACK, exc
-        kind = self._kind(exc)
-        lost = conn.invalidated or ErrorKind.LOST in kind
-        if ErrorKind.NOT_SENT in kind:
-            # The driver refused COMMIT before sending it: the server never
-            # committed, and rolls back when the dead connection is gone.
-            await self.rollback()
-            return Outcome.ROLLED_BACK, exc
-        if not lost and isinstance(exc, DBAPIError):
-            # An ordinary error at COMMIT (serialization failure, deferred
-            # constraint): the database rolled the transaction back.
-            await self.rollback()
-            return Outcome.ROLLED_BACK, exc
-        outcome = await self._calls.call(
-            rt.dialect.commit_outcome(rt.engine, self._xid), interruptible=False
-        )
-        if outcome is Outcome.UNKNOWN and own_row is not None:
-            outcome = await self._calls.call(
-                self._outcome_from_journal(own_row), interruptible=False
-            )
-        if outcome is Outcome.COMMITTED:
-            log.info("writeturn: COMMIT on key %r lost its connection but had landed", self._key)
-            return outcome, None
-        if outcome is Outcome.ROLLED_BACK:
-            return outcome, exc
-        err = OutcomeUnknown(
-            f"the connection died while COMMIT of the write on key {self._key!r} was in flight "
-            "and its fate could not be learned; check the database before retrying, or give "
-            "writes an idempotency key"
-        )
-        err.__cause__ = exc
-        return Outcome.UNKNOWN, err
-
-    async def _outcome_from_journal(self, own_row: JournalRow) -> Outcome:
-        """Learn whether the transaction landed from a journal row it inserted, on a new
-        connection: committed iff the idempotency key's row is there with that row's seq.
-
-        The probe runs under the key's lock (SQLite: BEGIN IMMEDIATE) and waits
-        for any transaction still holding the idempotency key, so a COMMIT
-        that is still finishing on the server is not misread as lost.
-        """
-        rt = self._rt
-        idempotency_key, seq = own_row
-        try:
-            async with rt.engine.connect() as conn:
-                if rt.dialect.probe_isolation is not None:
-                    # A fresh snapshot for each statement: the row it waited for is seen.
-                    await conn.execution_options(isolation_level=rt.dialect.probe_isolation)
-                try:
-                    await rt.dialect.begin(conn, self._key)
-                    committed = await journal.probe(
-                        conn, rt.options.namespace, idempotency_key, seq
-                    )
-                    await conn.rollback()
-                finally:
-                    if not conn.invalidated:
-                        await rt.dialect.release(conn)
-        except Exception as exc:
-            log.warning("writeturn: could not read the journal to learn an outcome: %r", exc)
-            return Outcome.UNKNOWN
-        return Outcome.COMMITTED if committed else Outcome.ROLLED_BACK
 
     async def rollback(self) -> None:
         """ROLLBACK, bounded by cleanup_timeout; a connection that fails it is discarded."""
@@ -318,10 +230,6 @@ class Transaction:
         finally:
             self._calls.disarm_terminate()
             self.began = False
-
-    def _kind(self, exc: BaseException) -> ErrorKind:
-        """What ``exc`` means on this transaction's database."""
-        return classify(self._rt.dialect.name, exc)
 
     def explain(self, outcome: Outcome, error: BaseException | None) -> BaseException | None:
         """The error a write ends with: a lost connection becomes :class:`ConnectionLost`
@@ -357,37 +265,6 @@ class Transaction:
 
 def _rollback_driver(sync_conn: Any) -> None:
     sync_conn.connection.dbapi_connection.rollback()
-
-
-#: A journal row a transaction inserted: (idempotency key, seq).
-JournalRow = tuple[str, int]
-
-
-def own_row(records: Iterable[WriteRecord]) -> JournalRow | None:
-    """A journal row the transaction of ``records`` inserted, to learn its outcome by.
-
-    Only a write that is not a duplicate inserted one; a duplicate's row was
-    committed by an earlier transaction and says nothing about this one. The
-    writes of one transaction share its fate, so any one such row will do.
-    """
-    for record in records:
-        if record.idempotency_key is not None and record.seq is not None and not record.duplicate:
-            return record.idempotency_key, record.seq
-    return None
-
-
-def own_outcome(
-    record: WriteRecord, outcome: Outcome, error: BaseException | None
-) -> tuple[Outcome, BaseException | None]:
-    """The outcome of ``record`` itself, given its transaction's.
-
-    A duplicate ran nothing: its transaction found the row of the earlier write
-    with its idempotency key, already committed, so it is COMMITTED whatever
-    became of the transaction that looked.
-    """
-    if record.duplicate and outcome is not Outcome.COMMITTED:
-        return Outcome.COMMITTED, None
-    return outcome, error
 
 
 async def call_function(record: WriteRecord, session: WriteSession) -> Any:
