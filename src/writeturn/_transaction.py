@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -38,15 +37,13 @@ from ._error_kinds import ErrorKind, classify
 from ._lease import Lease
 from ._runtime import Runtime
 from ._session import WriteSession
-from ._write import State, WriteRecord
+from ._write import WriteRecord
 from .errors import (
     ConfigurationError,
-    ConnectionLost,
-    DatabaseUnreachable,
 )
 from .outcome import Outcome
 
-__all__ = ["Transaction", "call_function", "retry_delay"]
+__all__ = ["Transaction", "call_function"]
 
 log = logging.getLogger("writeturn")
 
@@ -281,56 +278,3 @@ async def call_function(record: WriteRecord, session: WriteSession) -> Any:
             "awaitable; it must be an `async def` taking the session first"
         )
     return await pending
-
-
-def retry_delay(
-    rt: Runtime, record: WriteRecord, outcome: Outcome, error: BaseException | None
-) -> float | None:
-    """The back-off before running ``record`` again, or None if it must not run again.
-
-    Only a transient failure with retries left is retried, and only for a
-    write that was not stopped; an UNKNOWN outcome only with an idempotency
-    key (the journal then applies the write at most once).
-    """
-    if (
-        error is None
-        or record.fn is None
-        or record.stop is not None
-        or record.attempts >= record.retries
-    ):
-        return None
-    if record.state not in (State.ROLLING_BACK, State.COMMITTING):
-        # It did not begin: only a database that could not be reached is worth
-        # another try (a retry after a COMMIT whose fate was unknown meets it).
-        if not isinstance(error, DatabaseUnreachable):
-            return None
-    elif outcome is Outcome.UNKNOWN:
-        if record.idempotency_key is None:
-            return None
-    elif outcome is not Outcome.ROLLED_BACK or not _worth_retrying(rt, error):
-        return None
-    attempt = record.count_attempt()
-    delay = rt.options.retry_backoff * 2 ** (attempt - 1)
-    log.info(
-        "writeturn: retrying the write on key %r (attempt %d of %d) in %.3fs after %s",
-        record.key,
-        attempt,
-        record.retries,
-        delay,
-        type(error).__name__,
-    )
-    rt.counters.retries += 1
-    return float(delay * random.uniform(0.5, 1.5))
-
-
-def _worth_retrying(rt: Runtime, error: BaseException) -> bool:
-    """A write that rolled back with ``error`` may succeed if run again: its connection
-    died, or the database gave up on it for now (serialization failure, deadlock, busy)."""
-    return bool(classify(rt.dialect.name, _root(error)) & (ErrorKind.LOST | ErrorKind.TRANSIENT))
-
-
-def _root(error: BaseException) -> BaseException:
-    """The driver error under a ConnectionLost."""
-    if isinstance(error, ConnectionLost) and error.__cause__ is not None:
-        return error.__cause__
-    return error
