@@ -22,7 +22,6 @@ It is built from narrower parts, each given only what it uses:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -38,12 +37,9 @@ from ._lease import Lease
 from ._runtime import Runtime
 from ._session import WriteSession
 from ._write import WriteRecord
-from .errors import (
-    ConfigurationError,
-)
 from .outcome import Outcome
 
-__all__ = ["Transaction", "call_function"]
+__all__ = ["Transaction"]
 
 log = logging.getLogger("writeturn")
 
@@ -262,19 +258,3 @@ class Transaction:
 
 def _rollback_driver(sync_conn: Any) -> None:
     sync_conn.connection.dbapi_connection.rollback()
-
-
-async def call_function(record: WriteRecord, session: WriteSession) -> Any:
-    """Run the write's function on ``session`` (None for a duplicate: it ran once already)."""
-    if record.duplicate:
-        return None
-    fn = record.fn
-    assert fn is not None, "a transaction() block has no function"
-    pending = fn(session, *record.args, **(record.kwargs or {}))
-    if not asyncio.iscoroutine(pending) and not hasattr(pending, "__await__"):
-        name = getattr(fn, "__qualname__", None) or repr(fn)
-        raise ConfigurationError(
-            f"the write function {name} returned {type(pending).__name__}, not an "
-            "awaitable; it must be an `async def` taking the session first"
-        )
-    return await pending
