@@ -1,11 +1,12 @@
 """One database transaction on one connection: begin, call, flush, commit, roll back, finish.
 
 This is the small API that every way of running writes shares (a single
-write, a batch, a ``transaction()`` block). It knows the runtime and the
-connection, never a write's record: the runners move their records' states
-around these calls.
+write, a batch, a ``transaction()`` block). It knows the connection, never a
+write's record: the runners move their records' states around these calls.
 
-It is built from narrower parts, each given only what it uses:
+It is made from the runtime, but keeps none of it: it builds its parts, each
+from the few pieces of the runtime it uses, and keeps for itself only the
+dialect, the journal's namespace and the key:
 
 * :class:`~writeturn._calls.Calls`, the funnel every database call goes
   through so that no cancellation lands inside a statement (where a
@@ -17,7 +18,10 @@ It is built from narrower parts, each given only what it uses:
 
 # Invariants:
 # - ``began`` is set before BEGIN is sent, so a cut-off BEGIN is rolled back too;
-# - the connection is owned (see _owned) from BEGIN until finish() hands it back.
+# - the connection is owned (see _owned) from BEGIN until finish() hands it back;
+# - every database call goes through the funnel (``Calls.call``), the write
+#   function's statements too (through the session's gate);
+# - a session it gave out is refused from finish() on.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class Transaction:
     """One transaction on one connection for the write(s) holding ``key``'s turn."""
 
     __slots__ = (
-        "_rt",
+        "_dialect",
+        "_namespace",
         "_key",
         "_calls",
         "_lease",
@@ -68,9 +73,10 @@ class Transaction:
         on_cancel: Callable[[], object] | None = None,
         cancel_pending: Callable[[], bool] | None = None,
     ) -> None:
-        self._rt = rt
-        self._key = key
         opts = rt.options
+        self._dialect = rt.dialect
+        self._namespace = opts.namespace
+        self._key = key
         self._calls = Calls(
             rt.dialect,
             rt.engine,
@@ -121,7 +127,7 @@ class Transaction:
         Nothing of the write has run yet, so a fresh connection costs nothing.
         ``deadline`` (event-loop time) bounds a wait for another process's lock.
         """
-        dialect = self._rt.dialect
+        dialect = self._dialect
         self.began = True
         try:
             self._xid = await self._calls.call(dialect.begin(self._conn(), self._key, deadline))
@@ -152,10 +158,9 @@ class Transaction:
         """Insert ``record``'s journal row in this transaction, if it is journaled."""
         if record.journaled:
             writer = None if record.writer is None else str(record.writer)
-            opts = self._rt.options
             entry = await self._calls.call(
                 journal.record(
-                    self._conn(), opts.namespace, record.key, record.idempotency_key, writer
+                    self._conn(), self._namespace, record.key, record.idempotency_key, writer
                 )
             )
             record.journaled_as(entry.seq, entry.duplicate)
@@ -208,11 +213,11 @@ class Transaction:
         self._calls.arm_terminate()
         try:
             await self._calls.call(conn.rollback(), interruptible=False)
-            if self._rt.dialect.driver_in_transaction(conn):
+            if self._dialect.driver_in_transaction(conn):
                 # SQLAlchemy lost track of the transaction (a refused commit()
                 # deactivates it), but the database still has it open.
                 await self._calls.call(conn.run_sync(_rollback_driver), interruptible=False)
-                if self._rt.dialect.driver_in_transaction(conn):
+                if self._dialect.driver_in_transaction(conn):
                     raise RuntimeError("the connection is still inside a transaction")
         except Exception as exc:
             log.warning("writeturn: ROLLBACK failed (%r); discarding the connection", exc)
@@ -225,8 +230,9 @@ class Transaction:
             self.began = False
 
     def explain(self, outcome: Outcome, error: BaseException | None) -> BaseException | None:
-        """The error a write ends with: a lost connection becomes :class:`ConnectionLost`
-        (read before finish(); see :meth:`~writeturn._lease.Lease.explain`)."""
+        """The error a write ends with: a lost connection becomes
+        :class:`~writeturn.errors.ConnectionLost` (read before finish(); see
+        :meth:`~writeturn._lease.Lease.explain`)."""
         return self._lease.explain(outcome, error)
 
     async def finish(self) -> None:
