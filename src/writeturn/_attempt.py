@@ -30,9 +30,11 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from ._commit_outcome import own_outcome, own_row
 from ._session import WriteSession
-from ._transaction import Transaction, call_function, own_outcome, own_row
+from ._transaction import Transaction
 from ._write import State, WriteRecord
+from .errors import ConfigurationError
 from .outcome import Outcome
 
 __all__ = ["Attempt"]
@@ -77,7 +79,7 @@ class Attempt:
         """The journal row, the write's function and the flush; raises if it was stopped."""
         txn = self.txn
         await self.journal(record)
-        result = await call_function(record, session)
+        result = await _call_function(record, session)
         # Flushed now, so that a failing statement is this write's failure.
         await txn.flush()
         if txn.stopped:
@@ -112,3 +114,19 @@ class Attempt:
         shared, error = await txn.commit(own_row(records))
         error = txn.explain(shared, error)
         return [own_outcome(record, shared, error) for record in records]
+
+
+async def _call_function(record: WriteRecord, session: WriteSession) -> Any:
+    """Run the write's function on ``session`` (None for a duplicate: it ran once already)."""
+    if record.duplicate:
+        return None
+    fn = record.fn
+    assert fn is not None, "a transaction() block has no function"
+    pending = fn(session, *record.args, **(record.kwargs or {}))
+    if not asyncio.iscoroutine(pending) and not hasattr(pending, "__await__"):
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        raise ConfigurationError(
+            f"the write function {name} returned {type(pending).__name__}, not an "
+            "awaitable; it must be an `async def` taking the session first"
+        )
+    return await pending

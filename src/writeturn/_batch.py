@@ -40,8 +40,9 @@ from typing import Any
 
 from ._attempt import Attempt
 from ._guard import GuardedTask
+from ._retry import retry_delay
 from ._runtime import Runtime
-from ._transaction import Transaction, retry_delay
+from ._transaction import Transaction
 from ._turn import TurnHold
 from ._write import State, WriteRecord
 from .outcome import Outcome
@@ -233,9 +234,17 @@ class BatchRun:
         """Settle each write whose attempt ended for good, with (outcome, result, error);
         the others (a transient failure, retries left) wait to run again, together,
         after the longest of their back-offs, while the connection goes back."""
+        rt = self._rt
         retry: float | None = None
         for record, outcome, result, error in endings:
-            delay = retry_delay(self._rt, record, outcome, error)
+            delay = retry_delay(
+                record,
+                outcome,
+                error,
+                dialect=rt.dialect.name,
+                backoff=rt.options.retry_backoff,
+                counters=rt.counters,
+            )
             if delay is None:
                 self._pending.remove(record)
                 record.conclude(outcome, result if outcome is Outcome.COMMITTED else None, error)

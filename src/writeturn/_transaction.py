@@ -1,88 +1,67 @@
 """One database transaction on one connection: begin, call, flush, commit, roll back, finish.
 
 This is the small API that every way of running writes shares (a single
-write, a batch, a ``transaction()`` block). It knows the runtime and the
-connection, never a write's record: the runners move their records' states
-around these calls.
+write, a batch, a ``transaction()`` block). It knows the connection, never a
+write's record: the runners move their records' states around these calls.
 
-Where a cancellation can land in a transaction, and what happens:
+It is made from the runtime, but keeps none of it: it builds its parts, each
+from the few pieces of the runtime it uses, and keeps for itself only the
+dialect, the journal's namespace and the key:
 
-* the pool checkout (:meth:`Transaction.connect`): abandoned; nothing began, and
-  the connect finishes in the background (its connection is parked or closed);
-* BEGIN and the lock, the journal row, the write function's statements
-  through :class:`WriteSession`, the flush before COMMIT (:meth:`Transaction.call`):
-  the statement finishes, or after ``cancel_grace`` the driver stops it with
-  an ordinary error; then the runner rolls back;
-* COMMIT, ROLLBACK and handing the connection back (``interruptible=False``):
-  they run to the end; the cancellation is noted and raised afterwards.
-
-A runner on writeturn's own task (``owns_task=True``) never cancels that task
-while a call is in flight (it asks :meth:`Transaction.stop` instead), so the
-call runs inline. On a caller's task (``transaction()``), each call runs in a
-task of its own (:func:`run_apart`) that a cancellation cannot cut.
+* :class:`~writeturn._calls.Calls`, the funnel every database call goes
+  through so that no cancellation lands inside a statement (where a
+  cancellation can land, and what happens, is told there);
+* :class:`~writeturn._lease.Lease`, the connection from checkout to hand-back,
+  and whether it was lost;
+* :class:`~writeturn._commit_outcome.CommitOutcome`, what became of COMMIT
+  when it failed or its connection died.
 
 # Invariants:
 # - ``began`` is set before BEGIN is sent, so a cut-off BEGIN is rolled back too;
-# - the connection is owned (see _owned) from BEGIN until finish();
-# - an interrupt sent for one statement has landed before the next call starts.
+# - the connection is owned (see _owned) from BEGIN until finish() hands it back;
+# - every database call goes through the funnel (``Calls.call``), the write
+#   function's statements too (through the session's gate);
+# - a session it gave out is refused from finish() on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _owned, journal
+from ._calls import Calls, SessionGate
+from ._commit_outcome import CommitOutcome, JournalRow
 from ._error_kinds import ErrorKind, classify
-from ._guard import GuardedTask, run_apart, settle
+from ._lease import Lease
 from ._runtime import Runtime
 from ._session import WriteSession
-from ._write import State, WriteRecord
-from .errors import (
-    ConfigurationError,
-    ConnectionLost,
-    DatabaseUnreachable,
-    OutcomeUnknown,
-    PoolExhausted,
-    TransactionAborted,
-    TransactionOwnedError,
-)
+from ._write import WriteRecord
 from .outcome import Outcome
-from .urls import describe_error, redact
 
-__all__ = ["Transaction", "JournalRow", "call_function", "own_outcome", "own_row", "retry_delay"]
+__all__ = ["Transaction"]
 
 log = logging.getLogger("writeturn")
-
-T = TypeVar("T")
 
 
 class Transaction:
     """One transaction on one connection for the write(s) holding ``key``'s turn."""
 
     __slots__ = (
-        "_rt",
+        "_dialect",
+        "_namespace",
         "_key",
-        "_owns_task",
-        "_on_cancel",
-        "_cancel_pending",
-        "conn",
+        "_calls",
+        "_lease",
+        "_outcome",
         "began",
-        "stopped",
-        "in_call",
         "_xid",
         "_session",
         "_sessions",
-        "_interrupt_timer",
-        "_interrupt_task",
-        "_terminate_timer",
     )
 
     def __init__(
@@ -94,216 +73,51 @@ class Transaction:
         on_cancel: Callable[[], object] | None = None,
         cancel_pending: Callable[[], bool] | None = None,
     ) -> None:
-        self._rt = rt
+        opts = rt.options
+        self._dialect = rt.dialect
+        self._namespace = opts.namespace
         self._key = key
-        self._owns_task = owns_task
-        # transaction(): told when the caller's task was cancelled during a call
-        # that must finish (COMMIT), and asked before each statement whether the
-        # task still has a cancellation nobody took back.
-        self._on_cancel = on_cancel
-        self._cancel_pending = cancel_pending
-        self.conn: AsyncConnection | None = None
+        self._calls = Calls(
+            rt.dialect,
+            rt.engine,
+            rt.counters,
+            key,
+            cancel_grace=opts.cancel_grace,
+            cleanup_timeout=opts.cleanup_timeout,
+            owns_task=owns_task,
+            on_cancel=on_cancel,
+            cancel_pending=cancel_pending,
+        )
+        self._lease = Lease(
+            self._calls, rt.engine, rt.dialect, rt.connections, rt.counters, rt.keep, key
+        )
+        self._outcome = CommitOutcome(self._calls, rt.engine, rt.dialect, opts.namespace, key)
         self.began = False
-        self.stopped = False  # the write being run was stopped: no new statement starts
-        self.in_call = False  # a database call runs inline on the owned task
         self._xid: int | None = None
         self._session: WriteSession | None = None
-        self._sessions: list[_SessionGate] = []
-        self._interrupt_timer: asyncio.TimerHandle | None = None
-        self._interrupt_task: asyncio.Task[None] | None = None
-        self._terminate_timer: asyncio.TimerHandle | None = None
+        self._sessions: list[SessionGate] = []
 
     # -- stopping ------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """The write being run was stopped: no new statement starts."""
+        return self._calls.stopped
 
     def stop(self) -> None:
         """The write being run was stopped: refuse new statements, and stop the one in
         flight after ``cancel_grace`` (never by cancelling into the driver)."""
-        self.stopped = True
-        if self.in_call:
-            self._schedule_interrupt()
+        self._calls.stop()
 
     def resume(self) -> None:
         """A batch moves on to its next write: a stop of the previous one no longer applies."""
-        self.stopped = False
-
-    # -- database calls --------------------------------------------------------------
-
-    async def call(self, coro: Coroutine[Any, Any, T], *, interruptible: bool = True) -> T:
-        """Run one database call so that no cancellation lands inside it.
-
-        Interruptible calls (statements before COMMIT) refuse to start once the
-        write was stopped, and raise ``CancelledError`` after finishing if a
-        cancellation arrived meanwhile; one that outlives ``cancel_grace`` is
-        stopped by the driver with an ordinary error. Other calls (COMMIT,
-        ROLLBACK, close) always run to the end and return or raise what the
-        database said; a cancellation is noted and raised afterwards.
-
-        A cancellation that came from inside the write function (its own
-        ``asyncio.timeout()`` around a statement) ends the statement, not the
-        write: once it has been taken back, the next statement runs.
-        """
-        if interruptible and (
-            self.stopped or (self._cancel_pending is not None and self._cancel_pending())
-        ):
-            coro.close()
-            raise asyncio.CancelledError
-        if self._owns_task:
-            return await self._call_inline(coro, interruptible)
-        task, cancelled = await run_apart(coro, self._schedule_interrupt if interruptible else None)
-        if await self._finish_interrupt():
-            cancelled = True
-        if cancelled and interruptible:
-            err = asyncio.CancelledError()
-            if not task.cancelled():
-                err.__context__ = task.exception()
-            raise err
-        if cancelled and self._on_cancel is not None:
-            self._on_cancel()
-        return task.result()
-
-    async def _call_inline(self, coro: Coroutine[Any, Any, T], interruptible: bool) -> T:
-        task = asyncio.current_task()
-        assert isinstance(task, GuardedTask), "owns_task needs a GuardedTask"
-        self.in_call = True
-        try:
-            result: T = await task.guarded(
-                coro, self._schedule_interrupt if interruptible else _held_back
-            )
-            return result
-        finally:
-            self.in_call = False
-            if await self._finish_interrupt():
-                task.hold()
-            if interruptible:
-                await task.deliver()  # a cancellation held back during the call lands here
-                if self.stopped:
-                    raise asyncio.CancelledError
-
-    def _schedule_interrupt(self) -> None:
-        if self._interrupt_timer is not None or self._interrupt_task is not None:
-            return
-        grace = self._rt.options.cancel_grace
-        self._interrupt_timer = asyncio.get_running_loop().call_later(grace, self._interrupt)
-
-    def _interrupt(self) -> None:
-        self._interrupt_timer = None
-        if self.conn is None:
-            return
-        self._rt.counters.interrupts += 1
-        self._interrupt_task = asyncio.ensure_future(
-            self._rt.dialect.interrupt(self.conn, self._rt.engine)
-        )
-        self._arm_terminate()
-
-    def _arm_terminate(self) -> None:
-        """If the connection does not answer within cleanup_timeout, terminate it."""
-        if self._terminate_timer is None:
-            loop = asyncio.get_running_loop()
-            self._terminate_timer = loop.call_later(
-                self._rt.options.cleanup_timeout, self._terminate
-            )
-
-    def _disarm_terminate(self) -> None:
-        if self._terminate_timer is not None:
-            self._terminate_timer.cancel()
-            self._terminate_timer = None
-
-    def _terminate(self) -> None:
-        # The statement or ROLLBACK hangs (a frozen server, a dead network):
-        # close the socket; the call in flight then fails, the database rolls
-        # back when it notices, and the turn passes on.
-        self._terminate_timer = None
-        if self.conn is not None:
-            log.warning(
-                "writeturn: the connection of the write on key %r did not answer within "
-                "cleanup_timeout=%ss; terminating it",
-                self._key,
-                self._rt.options.cleanup_timeout,
-            )
-            self._rt.dialect.terminate(self.conn)
-
-    async def _finish_interrupt(self) -> bool:
-        """Wait until an interrupt on its way has landed: it could otherwise stop the
-        *next* statement on this connection (ROLLBACK, or another write's).
-        Returns True if the task was cancelled during that wait."""
-        if self._interrupt_timer is not None:
-            self._interrupt_timer.cancel()
-            self._interrupt_timer = None
-        self._disarm_terminate()
-        task, self._interrupt_task = self._interrupt_task, None
-        if task is None:
-            return False
-        cancelled = await settle(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("writeturn: interrupting a statement failed: %r", task.exception())
-        return cancelled
+        self._calls.resume()
 
     # -- the steps of a transaction ------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Take a parked connection, or check one out of the pool; never a dead one.
-
-        A connection the server closed while it sat idle (a restart, an idle
-        timeout, ``pg_terminate_backend``) is discarded here, before anything of
-        the write ran, at no cost to the write. Nothing has begun, so a
-        cancellation simply abandons the checkout. Raises
-        :class:`DatabaseUnreachable` if the database cannot be reached, and
-        :class:`PoolExhausted` if the pool gave no connection in ``pool_timeout``.
-        """
-        if self.conn is not None and not self.conn.invalidated:
-            return
-        if self.conn is not None:
-            await self._hand_back()
-        rt = self._rt
-        for _ in range(3):
-            conn = rt.connections.take() or await self._checkout()
-            if rt.dialect.alive(conn):
-                self.conn = conn
-                return
-            log.info("writeturn: a connection had been closed by the server while idle")
-            self.conn = conn
-            await self.call(conn.invalidate(), interruptible=False)
-            await self._hand_back()
-        await self._checkout_failed(ConnectionError("three connections in a row were dead"))
-
-    async def _checkout(self) -> AsyncConnection:
-        rt = self._rt
-        checkout = asyncio.ensure_future(AsyncConnection(rt.engine).start())
-        try:
-            # A stop leaves at once but never cuts the connect off: asyncpg cut
-            # off while it negotiates SSL (sslmode=prefer, the default) leaves a
-            # future whose error nobody retrieves, and asyncio logs it. The
-            # connect ends in the background, and its connection is parked or closed.
-            await asyncio.shield(checkout)
-        except asyncio.CancelledError:
-            self.stopped = True
-            rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
-            raise
-        except Exception:
-            pass  # raised below, from the checkout itself
-        exc = checkout.exception()
-        if exc is not None:
-            await self._checkout_failed(exc)
-        if self.stopped:
-            rt.keep(asyncio.ensure_future(rt.connections.receive(checkout)))
-            raise asyncio.CancelledError
-        return checkout.result()
-
-    async def _checkout_failed(self, exc: BaseException) -> NoReturn:
-        engine = self._rt.engine
-        if isinstance(exc, sa_exc.TimeoutError):
-            pool = engine.pool
-            raise PoolExhausted(
-                f"no connection of the engine's pool became free for the write on key "
-                f"{self._key!r} ({pool.status()}); the write did not begin. Raise the pool's "
-                "size (pool_size, max_overflow), give readers their own engine, or lower "
-                "pool_timeout to fail sooner"
-            ) from exc
-        url = engine.url
-        raise DatabaseUnreachable(
-            f"cannot reach {redact(url)} for the write on key {self._key!r}: "
-            f"{describe_error(exc, url)}; the write did not begin"
-        ) from exc
+    def connect(self) -> Coroutine[Any, Any, None]:
+        """Take a live connection (see :meth:`~writeturn._lease.Lease.connect`)."""
+        return self._lease.connect()  # its coroutine itself: no extra await on the way
 
     async def begin(self, deadline: float | None) -> None:
         """BEGIN (and the lock); a connection found dead here is replaced once.
@@ -313,24 +127,24 @@ class Transaction:
         Nothing of the write has run yet, so a fresh connection costs nothing.
         ``deadline`` (event-loop time) bounds a wait for another process's lock.
         """
-        dialect = self._rt.dialect
+        dialect = self._dialect
         self.began = True
         try:
-            self._xid = await self.call(dialect.begin(self._conn(), self._key, deadline))
+            self._xid = await self._calls.call(dialect.begin(self._conn(), self._key, deadline))
         except DBAPIError as exc:
-            if ErrorKind.LOST not in self._kind(exc):
+            if ErrorKind.LOST not in classify(dialect.name, exc):
                 raise
             log.info("writeturn: a connection was dead at BEGIN; taking a fresh one (%s)", exc)
             self.began = False  # the dead connection's transaction died with it
             await self.connect()
             self.began = True
-            self._xid = await self.call(dialect.begin(self._conn(), self._key, deadline))
+            self._xid = await self._calls.call(dialect.begin(self._conn(), self._key, deadline))
         _owned.own(self._conn())
 
     def session(self) -> WriteSession:
         """The session the write function gets; refused once this transaction has ended."""
         if self._session is None:
-            gate = _SessionGate(self)
+            gate = SessionGate(self._calls)
             self._sessions.append(gate)
             self._session = WriteSession(
                 gate.call,
@@ -344,10 +158,9 @@ class Transaction:
         """Insert ``record``'s journal row in this transaction, if it is journaled."""
         if record.journaled:
             writer = None if record.writer is None else str(record.writer)
-            opts = self._rt.options
-            entry = await self.call(
+            entry = await self._calls.call(
                 journal.record(
-                    self._conn(), opts.namespace, record.key, record.idempotency_key, writer
+                    self._conn(), self._namespace, record.key, record.idempotency_key, writer
                 )
             )
             record.journaled_as(entry.seq, entry.duplicate)
@@ -356,179 +169,71 @@ class Transaction:
         """Send the session's pending ORM changes: still the write function's work."""
         session = self._session
         if session is not None and (session.new or session.dirty or session.deleted):
-            await self.call(AsyncSession.flush(session))
+            await self._calls.call(AsyncSession.flush(session))
 
     async def commit(self, own_row: JournalRow | None) -> tuple[Outcome, BaseException | None]:
         """COMMIT, and learn its outcome: what the database did, never a guess.
 
-        ``own_row`` is a journal row this transaction inserted (see :func:`own_row`):
-        if the connection dies during COMMIT and the transaction id cannot tell,
-        whether that row exists tells. A row some other transaction wrote (a
-        duplicate's) tells nothing about this one and is never asked.
+        ``own_row`` is a journal row this transaction inserted (see
+        :func:`~writeturn._commit_outcome.own_row`): if the connection dies
+        during COMMIT and the transaction id cannot tell, whether that row
+        exists tells. A row some other transaction wrote (a duplicate's) tells
+        nothing about this one and is never asked.
 
         On Postgres a statement that failed inside the write aborts the whole
         transaction, even if the function caught the error, and COMMIT then
         rolls back without an error: that is found out first and reported.
         """
         conn = self._conn()
-        aborted = await self._aborted()
+        aborted = await self._outcome.aborted(conn)
         if aborted is not None:
             await self.rollback()
             return Outcome.ROLLED_BACK, aborted
         _owned.ending(conn)
         try:
-            await self.call(conn.commit(), interruptible=False)
+            await self._calls.call(conn.commit(), interruptible=False)
         except Exception as exc:
             try:
-                return await self._commit_failed(exc, own_row)
+                if self._outcome.refused(conn, exc):
+                    await self.rollback()
+                    return Outcome.ROLLED_BACK, exc
+                return await self._outcome.learn(exc, self._xid, own_row)
             finally:
                 self.began = False
         self.began = False
         return Outcome.COMMITTED, None
 
-    async def _aborted(self) -> TransactionAborted | None:
-        conn = self._conn()
-        first = _owned.failed(conn)
-        if first is None or not self._rt.dialect.aborts_on_error:
-            return None
-        # A statement failed and nobody raised: is the transaction still alive
-        # (the failure was rolled back to a savepoint), or aborted?
-        try:
-            await self.call(conn.exec_driver_sql("SELECT 1"), interruptible=False)
-        except DBAPIError as exc:
-            if ErrorKind.LOST in self._kind(exc):
-                return None  # COMMIT will find the connection dead and say so
-            # ABORTED, or an error that leaves the transaction as unable to commit.
-            err = TransactionAborted(
-                f"a statement failed inside the write on key {self._key!r} and its error was "
-                f"caught ({describe_error(first, self._rt.engine.url)}); the database aborted "
-                "the transaction, so nothing of the write was committed (ROLLED_BACK). Let the "
-                "error propagate, or run the statement that may fail inside "
-                "`async with session.begin_nested():` so that only it is rolled back"
-            )
-            err.__cause__ = first
-            return err
-        return None
-
-    async def _commit_failed(
-        self, exc: Exception, own_row: JournalRow | None
-    ) -> tuple[Outcome, BaseException | None]:
-        conn = self._conn()
-        rt = self._rt
-        if isinstance(exc, TransactionOwnedError):
-            await self.rollback()
-            return Outcome.ROLLED_BACK, exc
-        kind = self._kind(exc)
-        lost = conn.invalidated or ErrorKind.LOST in kind
-        if ErrorKind.NOT_SENT in kind:
-            # The driver refused COMMIT before sending it: the server never
-            # committed, and rolls back when the dead connection is gone.
-            await self.rollback()
-            return Outcome.ROLLED_BACK, exc
-        if not lost and isinstance(exc, DBAPIError):
-            # An ordinary error at COMMIT (serialization failure, deferred
-            # constraint): the database rolled the transaction back.
-            await self.rollback()
-            return Outcome.ROLLED_BACK, exc
-        outcome = await self.call(
-            rt.dialect.commit_outcome(rt.engine, self._xid), interruptible=False
-        )
-        if outcome is Outcome.UNKNOWN and own_row is not None:
-            outcome = await self.call(self._outcome_from_journal(own_row), interruptible=False)
-        if outcome is Outcome.COMMITTED:
-            log.info("writeturn: COMMIT on key %r lost its connection but had landed", self._key)
-            return outcome, None
-        if outcome is Outcome.ROLLED_BACK:
-            return outcome, exc
-        err = OutcomeUnknown(
-            f"the connection died while COMMIT of the write on key {self._key!r} was in flight "
-            "and its fate could not be learned; check the database before retrying, or give "
-            "writes an idempotency key"
-        )
-        err.__cause__ = exc
-        return Outcome.UNKNOWN, err
-
-    async def _outcome_from_journal(self, own_row: JournalRow) -> Outcome:
-        """Learn whether the transaction landed from a journal row it inserted, on a new
-        connection: committed iff the idempotency key's row is there with that row's seq.
-
-        The probe runs under the key's lock (SQLite: BEGIN IMMEDIATE) and waits
-        for any transaction still holding the idempotency key, so a COMMIT
-        that is still finishing on the server is not misread as lost.
-        """
-        rt = self._rt
-        idempotency_key, seq = own_row
-        try:
-            async with rt.engine.connect() as conn:
-                if rt.dialect.probe_isolation is not None:
-                    # A fresh snapshot for each statement: the row it waited for is seen.
-                    await conn.execution_options(isolation_level=rt.dialect.probe_isolation)
-                try:
-                    await rt.dialect.begin(conn, self._key)
-                    committed = await journal.probe(
-                        conn, rt.options.namespace, idempotency_key, seq
-                    )
-                    await conn.rollback()
-                finally:
-                    if not conn.invalidated:
-                        await rt.dialect.release(conn)
-        except Exception as exc:
-            log.warning("writeturn: could not read the journal to learn an outcome: %r", exc)
-            return Outcome.UNKNOWN
-        return Outcome.COMMITTED if committed else Outcome.ROLLED_BACK
-
     async def rollback(self) -> None:
         """ROLLBACK, bounded by cleanup_timeout; a connection that fails it is discarded."""
-        conn = self.conn
+        conn = self._lease.conn
         self._drop_session()
         if conn is None or conn.invalidated or not self.began:
             return
         _owned.ending(conn)
-        self._arm_terminate()
+        self._calls.arm_terminate()
         try:
-            await self.call(conn.rollback(), interruptible=False)
-            if self._rt.dialect.driver_in_transaction(conn):
+            await self._calls.call(conn.rollback(), interruptible=False)
+            if self._dialect.driver_in_transaction(conn):
                 # SQLAlchemy lost track of the transaction (a refused commit()
                 # deactivates it), but the database still has it open.
-                await self.call(conn.run_sync(_rollback_driver), interruptible=False)
-                if self._rt.dialect.driver_in_transaction(conn):
+                await self._calls.call(conn.run_sync(_rollback_driver), interruptible=False)
+                if self._dialect.driver_in_transaction(conn):
                     raise RuntimeError("the connection is still inside a transaction")
         except Exception as exc:
             log.warning("writeturn: ROLLBACK failed (%r); discarding the connection", exc)
             try:
-                await self.call(conn.invalidate(), interruptible=False)
+                await self._calls.call(conn.invalidate(), interruptible=False)
             except Exception:
                 pass
         finally:
-            self._disarm_terminate()
+            self._calls.disarm_terminate()
             self.began = False
 
-    def lost(self, error: BaseException | None) -> bool:
-        """Whether the connection died (read before finish())."""
-        conn = self.conn
-        if conn is not None and (conn.invalidated or not self._rt.dialect.alive(conn)):
-            return True
-        return error is not None and ErrorKind.LOST in self._kind(error)
-
-    def _kind(self, exc: BaseException) -> ErrorKind:
-        """What ``exc`` means on this transaction's database."""
-        return classify(self._rt.dialect.name, exc)
-
     def explain(self, outcome: Outcome, error: BaseException | None) -> BaseException | None:
-        """The error a write ends with: a lost connection becomes :class:`ConnectionLost`."""
-        if (
-            error is None
-            or isinstance(error, asyncio.CancelledError | OutcomeUnknown)
-            or not self.lost(error)
-        ):
-            return error
-        cause = describe_error(error, self._rt.engine.url)
-        err = ConnectionLost(
-            f"the connection to the database was lost during the write on key "
-            f"{self._key!r}; outcome {outcome.value}: {cause}"
-        )
-        err.__cause__ = error
-        return err
+        """The error a write ends with: a lost connection becomes
+        :class:`~writeturn.errors.ConnectionLost` (read before finish(); see
+        :meth:`~writeturn._lease.Lease.explain`)."""
+        return self._lease.explain(outcome, error)
 
     async def finish(self) -> None:
         """End this transaction's use of the connection: park it or hand it back.
@@ -540,39 +245,9 @@ class Transaction:
         for gate in self._sessions:
             gate.open = False
         self._sessions.clear()
-        if self.conn is not None:
-            await self._hand_back()
+        if self._lease.conn is not None:
+            await self._lease.hand_back()
         self.began = False
-
-    async def _hand_back(self) -> None:
-        conn, self.conn = self._conn(), None
-        rt = self._rt
-        _owned.disown(conn)
-        if not conn.invalidated and rt.dialect.holds_lock(conn):
-            await self._release_lock(conn)
-        if conn.invalidated:
-            rt.counters.connections_invalidated += 1
-            rt.connections.drop_all()
-        elif rt.connections.park(conn):
-            return  # kept for the next write: no pool round trip
-        try:
-            await self.call(conn.close(), interruptible=False)
-        except Exception as exc:
-            log.warning("writeturn: returning a connection failed (%r)", exc)
-
-    async def _release_lock(self, conn: AsyncConnection) -> None:
-        """Release the key's lock a snapshot-level BEGIN took; a connection that cannot
-        be unlocked is discarded (its session, and so its lock, ends with it)."""
-        try:
-            await self.call(self._rt.dialect.release(conn), interruptible=False)
-        except Exception as exc:
-            log.warning(
-                "writeturn: releasing a key's lock failed (%r); discarding the connection", exc
-            )
-            try:
-                await self.call(conn.invalidate(), interruptible=False)
-            except Exception:
-                pass
 
     def _drop_session(self) -> None:
         """Detach what the write loaded; the session never owned the connection
@@ -582,133 +257,10 @@ class Transaction:
             self._session = None
 
     def _conn(self) -> AsyncConnection:
-        assert self.conn is not None
-        return self.conn
-
-
-def _held_back() -> None:
-    """A cancellation during COMMIT or ROLLBACK: nothing to stop; it is raised later."""
+        conn = self._lease.conn
+        assert conn is not None
+        return conn
 
 
 def _rollback_driver(sync_conn: Any) -> None:
     sync_conn.connection.dbapi_connection.rollback()
-
-
-class _SessionGate:
-    """The call function a session gets: refused once its transaction has ended."""
-
-    __slots__ = ("_txn", "open")
-
-    def __init__(self, txn: Transaction) -> None:
-        self._txn = txn
-        self.open = True
-
-    async def call(self, coro: Coroutine[Any, Any, T], *, interruptible: bool = True) -> T:
-        if not self.open:
-            coro.close()
-            raise TransactionOwnedError(
-                "this session belongs to a writeturn write that has ended; a task the write "
-                "function started outlived it. Await such work inside the function, or start "
-                "a new write for it"
-            )
-        return await self._txn.call(coro, interruptible=interruptible)
-
-
-#: A journal row a transaction inserted: (idempotency key, seq).
-JournalRow = tuple[str, int]
-
-
-def own_row(records: Iterable[WriteRecord]) -> JournalRow | None:
-    """A journal row the transaction of ``records`` inserted, to learn its outcome by.
-
-    Only a write that is not a duplicate inserted one; a duplicate's row was
-    committed by an earlier transaction and says nothing about this one. The
-    writes of one transaction share its fate, so any one such row will do.
-    """
-    for record in records:
-        if record.idempotency_key is not None and record.seq is not None and not record.duplicate:
-            return record.idempotency_key, record.seq
-    return None
-
-
-def own_outcome(
-    record: WriteRecord, outcome: Outcome, error: BaseException | None
-) -> tuple[Outcome, BaseException | None]:
-    """The outcome of ``record`` itself, given its transaction's.
-
-    A duplicate ran nothing: its transaction found the row of the earlier write
-    with its idempotency key, already committed, so it is COMMITTED whatever
-    became of the transaction that looked.
-    """
-    if record.duplicate and outcome is not Outcome.COMMITTED:
-        return Outcome.COMMITTED, None
-    return outcome, error
-
-
-async def call_function(record: WriteRecord, session: WriteSession) -> Any:
-    """Run the write's function on ``session`` (None for a duplicate: it ran once already)."""
-    if record.duplicate:
-        return None
-    fn = record.fn
-    assert fn is not None, "a transaction() block has no function"
-    pending = fn(session, *record.args, **(record.kwargs or {}))
-    if not asyncio.iscoroutine(pending) and not hasattr(pending, "__await__"):
-        name = getattr(fn, "__qualname__", None) or repr(fn)
-        raise ConfigurationError(
-            f"the write function {name} returned {type(pending).__name__}, not an "
-            "awaitable; it must be an `async def` taking the session first"
-        )
-    return await pending
-
-
-def retry_delay(
-    rt: Runtime, record: WriteRecord, outcome: Outcome, error: BaseException | None
-) -> float | None:
-    """The back-off before running ``record`` again, or None if it must not run again.
-
-    Only a transient failure with retries left is retried, and only for a
-    write that was not stopped; an UNKNOWN outcome only with an idempotency
-    key (the journal then applies the write at most once).
-    """
-    if (
-        error is None
-        or record.fn is None
-        or record.stop is not None
-        or record.attempts >= record.retries
-    ):
-        return None
-    if record.state not in (State.ROLLING_BACK, State.COMMITTING):
-        # It did not begin: only a database that could not be reached is worth
-        # another try (a retry after a COMMIT whose fate was unknown meets it).
-        if not isinstance(error, DatabaseUnreachable):
-            return None
-    elif outcome is Outcome.UNKNOWN:
-        if record.idempotency_key is None:
-            return None
-    elif outcome is not Outcome.ROLLED_BACK or not _worth_retrying(rt, error):
-        return None
-    attempt = record.count_attempt()
-    delay = rt.options.retry_backoff * 2 ** (attempt - 1)
-    log.info(
-        "writeturn: retrying the write on key %r (attempt %d of %d) in %.3fs after %s",
-        record.key,
-        attempt,
-        record.retries,
-        delay,
-        type(error).__name__,
-    )
-    rt.counters.retries += 1
-    return float(delay * random.uniform(0.5, 1.5))
-
-
-def _worth_retrying(rt: Runtime, error: BaseException) -> bool:
-    """A write that rolled back with ``error`` may succeed if run again: its connection
-    died, or the database gave up on it for now (serialization failure, deadlock, busy)."""
-    return bool(classify(rt.dialect.name, _root(error)) & (ErrorKind.LOST | ErrorKind.TRANSIENT))
-
-
-def _root(error: BaseException) -> BaseException:
-    """The driver error under a ConnectionLost."""
-    if isinstance(error, ConnectionLost) and error.__cause__ is not None:
-        return error.__cause__
-    return error

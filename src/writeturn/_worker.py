@@ -16,9 +16,10 @@ from typing import Any, NoReturn
 
 from ._attempt import Attempt
 from ._guard import GuardedTask
+from ._retry import retry_delay
 from ._runtime import Runtime
 from ._session import WriteSession
-from ._transaction import Transaction, retry_delay
+from ._transaction import Transaction
 from ._turn import TurnHold
 from ._write import State, Stop, WriteRecord
 from .errors import ConfigurationError, OutcomeUnknown
@@ -103,7 +104,14 @@ class SingleRun:
                     unknown = ending
                 elif ending.journaled:
                     unknown = None
-                delay = retry_delay(rt, record, ending.outcome, ending.error)
+                delay = retry_delay(
+                    record,
+                    ending.outcome,
+                    ending.error,
+                    dialect=rt.dialect.name,
+                    backoff=rt.options.retry_backoff,
+                    counters=rt.counters,
+                )
                 if delay is None:
                     break
                 if record.state in (State.ROLLING_BACK, State.COMMITTING):

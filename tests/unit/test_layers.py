@@ -83,7 +83,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_write_lifecycle_depends_downwards_only() -> None:
     graph = import_graph()
     # The state machine knows nothing of who runs it; the transaction layer
-    # knows no runner; the public serializer is imported by nothing below it.
+    # (and the retry policy) knows no runner; the public serializer is imported
+    # by nothing below it.
     assert not graph["writeturn._write"] & {
         "writeturn._transaction",
         "writeturn._batch",
@@ -91,11 +92,17 @@ def test_the_write_lifecycle_depends_downwards_only() -> None:
         "writeturn.serializer",
         "writeturn.handle",
     }
-    assert not graph["writeturn._transaction"] & {
-        "writeturn._batch",
-        "writeturn._worker",
-        "writeturn.serializer",
-    }
+    parts = ["writeturn._calls", "writeturn._lease", "writeturn._commit_outcome"]
+    for layer in ["writeturn._transaction", *parts, "writeturn._retry"]:
+        assert not graph[layer] & {
+            "writeturn._attempt",
+            "writeturn._batch",
+            "writeturn._worker",
+            "writeturn.serializer",
+        }, layer
+    # The transaction's parts are given the few pieces of the runtime they use.
+    for part in [*parts, "writeturn._retry"]:
+        assert "writeturn._runtime" not in graph[part], part
     core = [
         m
         for m in graph
