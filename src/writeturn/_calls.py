@@ -77,6 +77,7 @@ class Calls:
         "_interrupt_timer",
         "_interrupt_task",
         "_terminate_timer",
+        "_task",
     )
 
     def __init__(
@@ -110,6 +111,8 @@ class Calls:
         self._interrupt_timer: asyncio.TimerHandle | None = None
         self._interrupt_task: asyncio.Task[None] | None = None
         self._terminate_timer: asyncio.TimerHandle | None = None
+        #: The owned task the inline calls run on (owns_task), found at the first call.
+        self._task: GuardedTask[Any] | None = None
 
     # -- stopping ------------------------------------------------------------------
 
@@ -160,8 +163,11 @@ class Calls:
         return task.result()
 
     async def _call_inline(self, coro: Coroutine[Any, Any, T], interruptible: bool) -> T:
-        task = asyncio.current_task()
-        assert isinstance(task, GuardedTask), "owns_task needs a GuardedTask"
+        # Six to eight of these per write: the common path awaits nothing but the call.
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.current_task()  # type: ignore[assignment]
+            assert isinstance(task, GuardedTask), "owns_task needs a GuardedTask"
         self.in_call = True
         try:
             result: T = await task.guarded(
@@ -170,10 +176,15 @@ class Calls:
             return result
         finally:
             self.in_call = False
-            if await self._finish_interrupt():
+            if (
+                self._interrupt_timer is not None
+                or self._interrupt_task is not None
+                or self._terminate_timer is not None
+            ) and await self._finish_interrupt():
                 task.hold()
             if interruptible:
-                await task.deliver()  # a cancellation held back during the call lands here
+                if task._writeturn_held:
+                    await task.deliver()  # a cancellation held back during the call lands here
                 if self.stopped:
                     raise asyncio.CancelledError
 
