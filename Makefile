@@ -20,8 +20,8 @@ demo: $(STAMP)
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests migrations examples
-	$(BIN)/ruff format --check src tests migrations examples
+	$(BIN)/ruff check src tests migrations examples benchmarks
+	$(BIN)/ruff format --check src tests migrations examples benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src
