@@ -16,7 +16,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from writeturn import Outcome
 from writeturn.cli import main
-from writeturn.demo import (
+from writeturn.errors import ConfigurationError
+from writeturn.stats import SerializerStats
+from writeturn.tools.demo import (
     HOT_KEY,
     CancelMode,
     Check,
@@ -43,8 +45,6 @@ from writeturn.demo import (
     plan_writes,
     run_demo,
 )
-from writeturn.errors import ConfigurationError
-from writeturn.stats import SerializerStats
 
 GUARANTEES = (
     "mutual exclusion",

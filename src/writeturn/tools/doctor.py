@@ -50,13 +50,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from ._sqlite_connect import join_failed_connects
-from .dialects import lock_id
-from .errors import ConfigurationError, WriteturnError
-from .journal import TABLE as JOURNAL_TABLE
-from .migrations import DEFAULT_NAMESPACE, current_async, history, lock_key
-from .schema import VERSION_TABLE
-from .urls import Backend, backend_of, engine_options, normalize_url, redact
+from .._sqlite_connect import join_failed_connects
+from ..dialects import lock_id
+from ..errors import ConfigurationError, WriteturnError
+from ..journal import TABLE as JOURNAL_TABLE
+from ..migrations import DEFAULT_NAMESPACE, current_async, history, lock_key
+from ..schema import VERSION_TABLE
+from ..urls import Backend, backend_of, engine_options, normalize_url, redact
 
 __all__ = [
     "Check",

@@ -61,13 +61,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from ._options import Coordination
-from .errors import ConfigurationError, ReentrantWriteError, TurnTimeout
-from .handle import WriteHandle
-from .outcome import Outcome
-from .serializer import WriteSerializer
-from .stats import SerializerStats
-from .urls import backend_of, normalize_url, redact
+from .._options import Coordination
+from ..errors import ConfigurationError, ReentrantWriteError, TurnTimeout
+from ..handle import WriteHandle
+from ..outcome import Outcome
+from ..serializer import WriteSerializer
+from ..stats import SerializerStats
+from ..urls import backend_of, normalize_url, redact
 
 __all__ = [
     "DemoOptions",
