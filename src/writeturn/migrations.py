@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.resources
 import logging
 import math
@@ -46,6 +45,7 @@ from sqlalchemy.pool import NullPool
 
 from ._error_kinds import ErrorKind, classify
 from ._sqlite_connect import join_failed_connects
+from .dialects import migration_lock_id, reached_through_pooler
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
 from .urls import URL_ENV, Backend, backend_of, engine_options, normalize_url, redact
@@ -108,14 +108,9 @@ class MigrationResult:
 # --------------------------------------------------------------------------- the lock
 
 
-def lock_key(namespace: str, name: str) -> int:
-    """Return the same signed 64-bit advisory lock key for (namespace, name) in every process.
-
-    BLAKE2b is stable across processes, machines and Python versions, unlike
-    the salted built-in ``hash()``.
-    """
-    digest = hashlib.blake2b(f"{namespace}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+#: The migration lock's advisory key for (namespace, name), the same in every process;
+#: derived beside the write locks' ids, in :mod:`writeturn.dialects`.
+lock_key = migration_lock_id
 
 
 @dataclass(frozen=True)
@@ -131,7 +126,7 @@ class _LockName:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"lock name must be a non-empty string, not {name!r}")
         _check_timeout(timeout)
-        return cls(namespace, name, lock_key(namespace, name))
+        return cls(namespace, name, migration_lock_id(namespace, name))
 
     def describe(self) -> str:
         return f"migration lock (namespace={self.namespace!r}, table={self.name!r}, key={self.key})"
@@ -257,8 +252,7 @@ def _refuse_a_pooler(connection: Connection) -> None:
     backend's, which is how it is recognised (one round trip per migration run).
     """
     backend = connection.scalar(text("SELECT pg_backend_pid()"))
-    driver = connection.connection.driver_connection
-    if driver is not None and backend is not None and driver.get_server_pid() != backend:
+    if reached_through_pooler(connection.connection.driver_connection, backend):
         raise ConfigurationError(
             f"{redact(connection.engine.url)} answers through a connection pooler "
             "(PgBouncer?): the migration lock is a session-level advisory lock, which a "

@@ -51,10 +51,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from .._sqlite_connect import join_failed_connects
-from ..dialects import lock_id
+from ..dialects import lock_id, migration_lock_id
 from ..errors import ConfigurationError, WriteturnError
 from ..journal import TABLE as JOURNAL_TABLE
-from ..migrations import DEFAULT_NAMESPACE, current_async, history, lock_key
+from ..migrations import DEFAULT_NAMESPACE, current_async, history
 from ..schema import VERSION_TABLE
 from ..urls import Backend, backend_of, engine_options, normalize_url, redact
 
@@ -591,7 +591,7 @@ def _lock_names(options: _Options) -> dict[int, str]:
         for k in options.keys
         for key in (lock_id(ns, k),)
     }
-    migration = lock_key(ns, VERSION_TABLE)
+    migration = migration_lock_id(ns, VERSION_TABLE)
     names[migration] = f"the migration lock (namespace {ns!r}, lock id {migration})"
     return names
 
@@ -686,7 +686,9 @@ async def _check_pg_locks(conn: AsyncConnection, ctx: _Context) -> list[Check]:
     locks = [_AdvisoryLock.from_row(tuple(row)) for row in rows]
     options, names = ctx.options, _lock_names(ctx.options)
     threshold = options.idle_threshold
-    named: list[tuple[str, int]] = [("migration lock", lock_key(options.namespace, VERSION_TABLE))]
+    named: list[tuple[str, int]] = [
+        ("migration lock", migration_lock_id(options.namespace, VERSION_TABLE))
+    ]
     named += [(f"write lock {k!r}", lock_id(options.namespace, k)) for k in options.keys]
     checks: list[Check] = []
     for name, key in named:
