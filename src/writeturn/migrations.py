@@ -393,6 +393,29 @@ def _sqlite_file_lock(connection: Connection, lk: _LockName) -> _FileLock:
     return _FileLock(_sqlite_lock_path(database, lk), lk, database)
 
 
+def _begin_lock(connection: Connection, lk: _LockName, timeout: float) -> _FileLock | None:
+    """What :func:`lock` and :func:`lock_async` share, before the wait that differs.
+
+    Postgres: take the advisory lock (the server does the waiting) and return
+    None. SQLite: return the lock file, not yet locked; the caller waits for it
+    with ``waits``, sleeping as it can, inside :func:`_closed_if_not_taken`.
+    """
+    if _backend_of_connection(connection) == "postgresql":
+        _pg_acquire(connection, lk, timeout)
+        return None
+    return _sqlite_file_lock(connection, lk)
+
+
+@contextlib.contextmanager
+def _closed_if_not_taken(file_lock: _FileLock) -> Iterator[None]:
+    """Close the lock file if the wait for it ends in an error (a timeout, a cancellation)."""
+    try:
+        yield
+    except BaseException:
+        file_lock.close()
+        raise
+
+
 # Public context managers ---------------------------------------------------
 
 
@@ -437,24 +460,18 @@ def lock(
                     context.run_migrations()
     """
     lk = _LockName.checked(namespace, name, timeout)
-    if _backend_of_connection(connection) == "postgresql":
-        _pg_acquire(connection, lk, timeout)
-        try:
-            yield
-        finally:
-            _pg_release(connection, lk)
-        return
-    file_lock = _sqlite_file_lock(connection, lk)
-    try:
-        for delay in file_lock.waits(timeout):
-            time.sleep(delay)
-    except BaseException:
-        file_lock.close()
-        raise
+    file_lock = _begin_lock(connection, lk, timeout)
+    if file_lock is not None:
+        with _closed_if_not_taken(file_lock):
+            for delay in file_lock.waits(timeout):
+                time.sleep(delay)
     try:
         yield
     finally:
-        file_lock.release()
+        if file_lock is None:
+            _pg_release(connection, lk)
+        else:
+            file_lock.release()
 
 
 @contextlib.asynccontextmanager
@@ -474,24 +491,18 @@ async def lock_async(
     those of :func:`lock`.
     """
     lk = _LockName.checked(namespace, name, timeout)
-    if _backend_of_connection(connection) == "postgresql":
-        await connection.run_sync(_pg_acquire, lk, timeout)
-        try:
-            yield
-        finally:
-            await connection.run_sync(_pg_release, lk)
-        return
-    file_lock = await connection.run_sync(_sqlite_file_lock, lk)
-    try:
-        for delay in file_lock.waits(timeout):
-            await asyncio.sleep(delay)
-    except BaseException:
-        file_lock.close()
-        raise
+    file_lock = await connection.run_sync(_begin_lock, lk, timeout)
+    if file_lock is not None:
+        with _closed_if_not_taken(file_lock):
+            for delay in file_lock.waits(timeout):
+                await asyncio.sleep(delay)
     try:
         yield
     finally:
-        file_lock.release()
+        if file_lock is None:
+            await connection.run_sync(_pg_release, lk)
+        else:
+            file_lock.release()
 
 
 # --------------------------------------------------------------------------- scripts
