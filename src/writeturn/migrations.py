@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from ._error_kinds import ErrorKind, classify
+from ._options import is_seconds
 from ._sqlite_connect import join_failed_connects
 from .dialects import migration_lock_id, reached_through_pooler
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
@@ -133,12 +134,7 @@ class _LockName:
 
 
 def _check_timeout(timeout: float) -> None:
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
+    if not is_seconds(timeout, allow_zero=False):
         raise ConfigurationError(
             f"lock timeout must be a positive number of seconds, not {timeout!r}"
         )

@@ -26,6 +26,7 @@ from typing import NoReturn, TextIO, TypeVar
 
 from sqlalchemy.engine import make_url
 
+from .._options import is_seconds
 from ..errors import ConfigurationError, WriteturnError
 from ..urls import URL_ENV, normalize_url, redact
 
@@ -143,7 +144,7 @@ def seconds(name: str, *, allow_zero: bool) -> Callable[[str], float]:
             number = float(value)
         except ValueError:
             number = math.nan
-        if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        if not is_seconds(number, allow_zero=allow_zero):
             raise argparse.ArgumentTypeError(
                 f"{name} must be a number of seconds {allowed}, got {value!r}"
             )

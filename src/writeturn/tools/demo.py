@@ -61,7 +61,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from .._options import Coordination
+from .._options import Coordination, is_seconds
 from ..errors import ConfigurationError, ReentrantWriteError, TurnTimeout
 from ..handle import WriteHandle
 from ..outcome import Outcome
@@ -208,12 +208,7 @@ def _int_problem(name: str, value: object, lo: int, hi: int) -> str | None:
 
 
 def _seconds_problem(value: object) -> str | None:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    ok = is_seconds(value, allow_zero=False)
     return None if ok else f"time limit must be a number of seconds above 0, got {value!r}"
 
 
