@@ -49,7 +49,15 @@ from ._sqlite_connect import join_failed_connects
 from .dialects import migration_lock_id, reached_through_pooler
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
-from .urls import URL_ENV, Backend, backend_of, engine_options, normalize_url, redact
+from .urls import (
+    URL_ENV,
+    Backend,
+    backend_of,
+    describe_error,
+    engine_options,
+    normalize_url,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -580,11 +588,6 @@ def _create_engine(url: str | URL) -> AsyncEngine:
     return engine
 
 
-def _first_line(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()
-    return message[0] if message else type(exc).__name__
-
-
 @contextlib.asynccontextmanager
 async def _connect(url_or_engine: UrlOrEngine, *, detach: bool) -> AsyncIterator[AsyncConnection]:
     """Open one connection for a run; ``detach`` closes it instead of pooling it.
@@ -607,7 +610,7 @@ async def _connect(url_or_engine: UrlOrEngine, *, detach: bool) -> AsyncIterator
             conn = await engine.connect()
         except (OSError, DBAPIError) as exc:
             raise DatabaseUnreachable(
-                f"cannot connect to {redact(engine.url)}: {type(exc).__name__}: {_first_line(exc)}"
+                f"cannot connect to {redact(engine.url)}: {describe_error(exc, engine.url)}"
             ) from exc
         try:
             yield conn

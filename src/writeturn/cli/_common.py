@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from .._options import is_seconds
 from ..errors import ConfigurationError, WriteturnError
-from ..urls import URL_ENV, normalize_url, redact
+from ..urls import URL_ENV, describe_error, normalize_url, redact
 
 __all__ = [
     "URL_ENV",
@@ -243,8 +243,7 @@ def print_error(command: str, exc: BaseException, urls: Iterable[str | None] = (
     if isinstance(exc, WriteturnError) and message:
         line = " ".join(message.split())
     else:
-        first = message.splitlines()[0] if message else ""
-        line = f"{type(exc).__name__}: {first}".rstrip(": ")
+        line = describe_error(exc)
     ours = isinstance(exc, WriteturnError)
     print(f"writeturn {command}: error: {mask(line, urls, patterns=not ours)}", file=sys.stderr)
     return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED

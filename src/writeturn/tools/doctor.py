@@ -56,7 +56,7 @@ from ..errors import ConfigurationError, WriteturnError
 from ..journal import TABLE as JOURNAL_TABLE
 from ..migrations import DEFAULT_NAMESPACE, current_async, history
 from ..schema import VERSION_TABLE
-from ..urls import Backend, backend_of, engine_options, normalize_url, redact
+from ..urls import Backend, backend_of, describe_error, engine_options, normalize_url, redact
 
 __all__ = [
     "Check",
@@ -242,18 +242,6 @@ def statement_kind(query: str) -> str:
 
 def _app(name: str | None) -> str:
     return repr(name) if name else "(none)"
-
-
-def _error_text(exc: BaseException, url: str | URL | None) -> str:
-    """The first line of an error, with the URL's password (if any) masked."""
-    lines = str(exc).strip().splitlines()
-    message = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    password = None
-    with contextlib.suppress(Exception):
-        password = normalize_url(url).password if url is not None else None
-    if isinstance(password, str) and password:
-        message = message.replace(password, "***")
-    return message
 
 
 def _migrate_command(url: URL) -> str:
@@ -779,7 +767,7 @@ async def _run_check(
             Check(
                 name,
                 "FAIL",
-                f"the check could not run: {_error_text(exc, ctx.url)}",
+                f"the check could not run: {describe_error(exc, ctx.url)}",
                 "see the error: the database may be damaged, or the doctor's user lacks rights",
             )
         ]
@@ -794,7 +782,7 @@ async def _run_connected(ctx: _Context, checks: Sequence[tuple[str, _CheckFn]]) 
                 "connection",
                 "FAIL",
                 f"database unreachable: cannot connect to {redact(ctx.url)}: "
-                f"{_error_text(exc, ctx.url)}",
+                f"{describe_error(exc, ctx.url)}",
                 "check that the server runs and accepts connections, and that the host, port, "
                 "database name, user and password in the URL are right",
             )
