@@ -160,3 +160,19 @@ def test_the_benchmark_keeps_its_documented_import_path() -> None:
         getattr(writeturn.bench, n) is getattr(writeturn.tools.bench, n)
         for n in writeturn.bench.__all__
     )
+
+
+def test_the_demo_checks_and_report_do_not_run_anything() -> None:
+    graph = import_graph()
+    # The checks are pure functions of what a run saw, and the report only renders:
+    # neither reaches the run, nor the serializer it drives.
+    for part in ["writeturn.tools.demo._plan", "writeturn.tools.demo._checks"]:
+        assert not graph[part] & {
+            "writeturn.tools.demo._run",
+            "writeturn.tools.demo._report",
+            "writeturn.serializer",
+        }, part
+    assert not graph["writeturn.tools.demo._report"] & {
+        "writeturn.tools.demo._run",
+        "writeturn.serializer",
+    }
