@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from alembic import command
@@ -40,12 +40,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._engines import unpooled_engine
 from ._error_kinds import ErrorKind, classify
 from ._options import is_seconds
-from ._sqlite_connect import join_failed_connects
 from .dialects import migration_lock_id, reached_through_pooler
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
@@ -54,7 +53,6 @@ from .urls import (
     Backend,
     backend_of,
     describe_error,
-    engine_options,
     normalize_url,
     redact,
 )
@@ -570,22 +568,11 @@ def history(*, script_location: str | os.PathLike[str] | None = None) -> list[st
 UrlOrEngine = str | URL | AsyncEngine
 
 
-def _engine_kwargs(url: URL) -> dict[str, Any]:
-    """Engine options for a migration run: no pool, and a name to spot it in pg_stat_activity."""
-    options: dict[str, Any] = {"poolclass": NullPool}
-    if backend_of(url) == "postgresql":
-        options["connect_args"] = {"server_settings": {"application_name": _APPLICATION_NAME}}
-    return options
-
-
 def _create_engine(url: str | URL) -> AsyncEngine:
     """Create the NullPool engine env.py and the programmatic API use for one run."""
-    normalized = normalize_url(url)
-    stripped, options = engine_options(normalized, _engine_kwargs(normalized))
-    engine = create_async_engine(stripped, **options)
-    if backend_of(normalized) == "sqlite":
-        join_failed_connects(engine)
-    return engine
+    return unpooled_engine(
+        normalize_url(url), {"server_settings": {"application_name": _APPLICATION_NAME}}
+    )
 
 
 @contextlib.asynccontextmanager

@@ -47,16 +47,15 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import TextClause, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._sqlite_connect import join_failed_connects
+from .._engines import unpooled_engine
 from ..dialects import lock_id, migration_lock_id
 from ..errors import ConfigurationError, WriteturnError
 from ..journal import TABLE as JOURNAL_TABLE
 from ..migrations import DEFAULT_NAMESPACE, current_async, history
 from ..schema import VERSION_TABLE
-from ..urls import Backend, backend_of, describe_error, engine_options, normalize_url, redact
+from ..urls import Backend, backend_of, describe_error, normalize_url, redact
 
 __all__ = [
     "Check",
@@ -737,21 +736,15 @@ POSTGRES_CHECKS: tuple[tuple[str, _CheckFn], ...] = (
 # --------------------------------------------------------------------------- running
 
 
-def _engine(url: URL, backend: Backend) -> AsyncEngine:
-    connect_args: dict[str, Any] = {}
-    if backend == "postgresql":
-        connect_args = {
-            "timeout": CONNECT_TIMEOUT,
-            "server_settings": {
-                "application_name": APPLICATION_NAME,
-                "statement_timeout": str(STATEMENT_TIMEOUT_MS),
-            },
-        }
-    url, mapped = engine_options(url, {"connect_args": connect_args})
-    engine = create_async_engine(url, poolclass=NullPool, **mapped)
-    if backend == "sqlite":
-        join_failed_connects(engine)
-    return engine
+def _engine(url: URL) -> AsyncEngine:
+    connect_args = {
+        "timeout": CONNECT_TIMEOUT,
+        "server_settings": {
+            "application_name": APPLICATION_NAME,
+            "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+        },
+    }
+    return unpooled_engine(url, connect_args)
 
 
 async def _run_check(
@@ -830,7 +823,7 @@ async def diagnose(
     normalized = normalize_url(url)
     options = _Options.checked(namespace, keys, idle_threshold, show_queries)
     backend = backend_of(normalized)
-    engine = _engine(normalized, backend)
+    engine = _engine(normalized)
     path = _sqlite_path(normalized) if backend == "sqlite" else None
     ctx = _Context(normalized, engine, options, path)
     try:
