@@ -27,6 +27,7 @@ __all__ = [
     "check_idempotency_key",
     "check_retries",
     "check_seconds",
+    "is_seconds",
     "check_busy_timeout",
 ]
 
@@ -192,6 +193,19 @@ def check_retries(value: object) -> int:
     return value  # type: ignore[return-value]
 
 
+def is_seconds(value: object, *, allow_zero: bool) -> bool:
+    """Whether ``value`` is a number of seconds: a finite int or float (not a bool),
+    above 0, or from 0 with ``allow_zero``. The one such check of the library, the
+    command line and the tools; each words its own message for where the value came from.
+    """
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+
+
 def check_seconds(
     name: str,
     value: object,
@@ -200,13 +214,7 @@ def check_seconds(
     at_most: float | None = None,
     why: str = "",
 ) -> float:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    if not ok:
+    if not is_seconds(value, allow_zero=allow_zero):
         bound = "zero or more" if allow_zero else "more than zero"
         raise ConfigurationError(
             f"{name}={shown(value)} must be a finite number of seconds, {bound} (e.g. {name}=2.0)"

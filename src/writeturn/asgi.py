@@ -27,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+from ._options import is_seconds
 from .errors import ConfigurationError, SerializerClosed, SerializerNotStarted
 from .serializer import WriteSerializer
 
@@ -48,17 +48,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 def _check_seconds(name: str, value: float | None, *, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_seconds(value, allow_zero=False):
         example = f"{name}=10.0" + (f" or {name}=None (no bound)" if allow_none else "")
         raise ConfigurationError(
             f"{name}={value!r} must be a positive number of seconds, e.g. {example}"
         )
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 class SerializerLifespan:

@@ -35,6 +35,8 @@ __all__ = [
     "PostgresDialect",
     "dialect_for",
     "lock_id",
+    "migration_lock_id",
+    "reached_through_pooler",
     "SQLITE_SYNCHRONOUS",
     "PoolerMisconfigured",
     "for_transaction_pooler",
@@ -65,6 +67,27 @@ def lock_id(namespace: str, key: str) -> int:
         f"{namespace}\x00{key}".encode(), digest_size=8, person=b"writeturn.write"
     ).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def migration_lock_id(namespace: str, name: str) -> int:
+    """The signed 64-bit advisory lock key of the migration lock on (namespace, name).
+
+    The same stable hash as :func:`lock_id`, not personalised (as released),
+    so it never equals a write's id; equally part of the compatibility
+    contract: migrators of two releases must wait for each other.
+    """
+    digest = hashlib.blake2b(f"{namespace}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def reached_through_pooler(driver: Any, backend_pid: object) -> bool:
+    """Whether asyncpg's ``driver`` talks to the backend ``backend_pid`` (from
+    ``SELECT pg_backend_pid()``) through a connection pooler (PgBouncer).
+
+    The pid the server gave the client at startup is, through a pooler, the
+    pooler's own cancel key, not the backend's pid.
+    """
+    return driver is not None and backend_pid is not None and driver.get_server_pid() != backend_pid
 
 
 #: ``lock_id`` for the keys in use: a write's BEGIN would otherwise hash its key each time.
@@ -539,16 +562,13 @@ class PostgresDialect(Dialect):
         return bool(driver is not None and not driver.is_closed() and driver.is_in_transaction())
 
     async def behind_pooler(self, conn: AsyncConnection) -> bool:
-        # The pid the server gave the client at startup is, through a pooler,
-        # the pooler's own cancel key, not the backend's pid.
         try:
             backend = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
         except DBAPIError as exc:
             if ErrorKind.STATEMENT_CLASH in classify(self.name, exc):
                 raise PoolerMisconfigured("prepared statements clash between its clients") from exc
             raise
-        driver = _driver(conn)
-        return driver is not None and backend is not None and driver.get_server_pid() != backend
+        return reached_through_pooler(_driver(conn), backend)
 
     def alive(self, conn: AsyncConnection) -> bool:
         # asyncpg learns of a closed socket as soon as the event loop sees it,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.resources
 import logging
 import math
@@ -31,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from alembic import command
@@ -41,14 +40,22 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._engines import unpooled_engine
 from ._error_kinds import ErrorKind, classify
-from ._sqlite_connect import join_failed_connects
+from ._options import is_seconds
+from .dialects import migration_lock_id, reached_through_pooler
 from .errors import ConfigurationError, DatabaseUnreachable, UnsupportedDatabase, WriteturnError
 from .schema import VERSION_TABLE
-from .urls import URL_ENV, Backend, backend_of, engine_options, normalize_url, redact
+from .urls import (
+    URL_ENV,
+    Backend,
+    backend_of,
+    describe_error,
+    normalize_url,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -108,14 +115,9 @@ class MigrationResult:
 # --------------------------------------------------------------------------- the lock
 
 
-def lock_key(namespace: str, name: str) -> int:
-    """Return the same signed 64-bit advisory lock key for (namespace, name) in every process.
-
-    BLAKE2b is stable across processes, machines and Python versions, unlike
-    the salted built-in ``hash()``.
-    """
-    digest = hashlib.blake2b(f"{namespace}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+#: The migration lock's advisory key for (namespace, name), the same in every process;
+#: derived beside the write locks' ids, in :mod:`writeturn.dialects`.
+lock_key = migration_lock_id
 
 
 @dataclass(frozen=True)
@@ -131,19 +133,14 @@ class _LockName:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"lock name must be a non-empty string, not {name!r}")
         _check_timeout(timeout)
-        return cls(namespace, name, lock_key(namespace, name))
+        return cls(namespace, name, migration_lock_id(namespace, name))
 
     def describe(self) -> str:
         return f"migration lock (namespace={self.namespace!r}, table={self.name!r}, key={self.key})"
 
 
 def _check_timeout(timeout: float) -> None:
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
+    if not is_seconds(timeout, allow_zero=False):
         raise ConfigurationError(
             f"lock timeout must be a positive number of seconds, not {timeout!r}"
         )
@@ -257,8 +254,7 @@ def _refuse_a_pooler(connection: Connection) -> None:
     backend's, which is how it is recognised (one round trip per migration run).
     """
     backend = connection.scalar(text("SELECT pg_backend_pid()"))
-    driver = connection.connection.driver_connection
-    if driver is not None and backend is not None and driver.get_server_pid() != backend:
+    if reached_through_pooler(connection.connection.driver_connection, backend):
         raise ConfigurationError(
             f"{redact(connection.engine.url)} answers through a connection pooler "
             "(PgBouncer?): the migration lock is a session-level advisory lock, which a "
@@ -399,6 +395,29 @@ def _sqlite_file_lock(connection: Connection, lk: _LockName) -> _FileLock:
     return _FileLock(_sqlite_lock_path(database, lk), lk, database)
 
 
+def _begin_lock(connection: Connection, lk: _LockName, timeout: float) -> _FileLock | None:
+    """What :func:`lock` and :func:`lock_async` share, before the wait that differs.
+
+    Postgres: take the advisory lock (the server does the waiting) and return
+    None. SQLite: return the lock file, not yet locked; the caller waits for it
+    with ``waits``, sleeping as it can, inside :func:`_closed_if_not_taken`.
+    """
+    if _backend_of_connection(connection) == "postgresql":
+        _pg_acquire(connection, lk, timeout)
+        return None
+    return _sqlite_file_lock(connection, lk)
+
+
+@contextlib.contextmanager
+def _closed_if_not_taken(file_lock: _FileLock) -> Iterator[None]:
+    """Close the lock file if the wait for it ends in an error (a timeout, a cancellation)."""
+    try:
+        yield
+    except BaseException:
+        file_lock.close()
+        raise
+
+
 # Public context managers ---------------------------------------------------
 
 
@@ -443,24 +462,18 @@ def lock(
                     context.run_migrations()
     """
     lk = _LockName.checked(namespace, name, timeout)
-    if _backend_of_connection(connection) == "postgresql":
-        _pg_acquire(connection, lk, timeout)
-        try:
-            yield
-        finally:
-            _pg_release(connection, lk)
-        return
-    file_lock = _sqlite_file_lock(connection, lk)
-    try:
-        for delay in file_lock.waits(timeout):
-            time.sleep(delay)
-    except BaseException:
-        file_lock.close()
-        raise
+    file_lock = _begin_lock(connection, lk, timeout)
+    if file_lock is not None:
+        with _closed_if_not_taken(file_lock):
+            for delay in file_lock.waits(timeout):
+                time.sleep(delay)
     try:
         yield
     finally:
-        file_lock.release()
+        if file_lock is None:
+            _pg_release(connection, lk)
+        else:
+            file_lock.release()
 
 
 @contextlib.asynccontextmanager
@@ -480,24 +493,18 @@ async def lock_async(
     those of :func:`lock`.
     """
     lk = _LockName.checked(namespace, name, timeout)
-    if _backend_of_connection(connection) == "postgresql":
-        await connection.run_sync(_pg_acquire, lk, timeout)
-        try:
-            yield
-        finally:
-            await connection.run_sync(_pg_release, lk)
-        return
-    file_lock = await connection.run_sync(_sqlite_file_lock, lk)
-    try:
-        for delay in file_lock.waits(timeout):
-            await asyncio.sleep(delay)
-    except BaseException:
-        file_lock.close()
-        raise
+    file_lock = await connection.run_sync(_begin_lock, lk, timeout)
+    if file_lock is not None:
+        with _closed_if_not_taken(file_lock):
+            for delay in file_lock.waits(timeout):
+                await asyncio.sleep(delay)
     try:
         yield
     finally:
-        file_lock.release()
+        if file_lock is None:
+            await connection.run_sync(_pg_release, lk)
+        else:
+            file_lock.release()
 
 
 # --------------------------------------------------------------------------- scripts
@@ -561,27 +568,11 @@ def history(*, script_location: str | os.PathLike[str] | None = None) -> list[st
 UrlOrEngine = str | URL | AsyncEngine
 
 
-def _engine_kwargs(url: URL) -> dict[str, Any]:
-    """Engine options for a migration run: no pool, and a name to spot it in pg_stat_activity."""
-    options: dict[str, Any] = {"poolclass": NullPool}
-    if backend_of(url) == "postgresql":
-        options["connect_args"] = {"server_settings": {"application_name": _APPLICATION_NAME}}
-    return options
-
-
 def _create_engine(url: str | URL) -> AsyncEngine:
     """Create the NullPool engine env.py and the programmatic API use for one run."""
-    normalized = normalize_url(url)
-    stripped, options = engine_options(normalized, _engine_kwargs(normalized))
-    engine = create_async_engine(stripped, **options)
-    if backend_of(normalized) == "sqlite":
-        join_failed_connects(engine)
-    return engine
-
-
-def _first_line(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()
-    return message[0] if message else type(exc).__name__
+    return unpooled_engine(
+        normalize_url(url), {"server_settings": {"application_name": _APPLICATION_NAME}}
+    )
 
 
 @contextlib.asynccontextmanager
@@ -606,7 +597,7 @@ async def _connect(url_or_engine: UrlOrEngine, *, detach: bool) -> AsyncIterator
             conn = await engine.connect()
         except (OSError, DBAPIError) as exc:
             raise DatabaseUnreachable(
-                f"cannot connect to {redact(engine.url)}: {type(exc).__name__}: {_first_line(exc)}"
+                f"cannot connect to {redact(engine.url)}: {describe_error(exc, engine.url)}"
             ) from exc
         try:
             yield conn

@@ -6,6 +6,7 @@ so a password never leaves the process in text.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import ssl
@@ -113,11 +114,21 @@ def normalize_url(url: str | URL) -> URL:
     return parsed.set(drivername=drivername)
 
 
-def describe_error(exc: BaseException, url: URL) -> str:
-    """A one-line description of ``exc`` with the URL's password masked."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if url.password:
-        text = text.replace(str(url.password), "***")
+def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
+    """``exc`` on one line: its type and the first line of its message, with the
+    password of ``url`` (if given and parseable) masked.
+
+    Only the first line: a driver's later lines may quote a connection string.
+    The one such text of the library, the command line and the tools.
+    """
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0].rstrip()}" if lines else type(exc).__name__
+    password = None
+    if url:
+        with contextlib.suppress(Exception):  # an unparseable URL has no password to mask
+            password = (url if isinstance(url, URL) else make_url(url)).password
+    if isinstance(password, str) and password:
+        text = text.replace(password, "***")
     return text
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from writeturn.bench import (
+from writeturn.cli import main
+from writeturn.tools.bench import (
     STRATEGIES,
     WORKLOADS,
     BenchOptions,
@@ -23,8 +24,7 @@ from writeturn.bench import (
     write_json,
     write_plot,
 )
-from writeturn.bench._report import plot_figures
-from writeturn.cli import main
+from writeturn.tools.bench._report import plot_figures
 
 WRITETURN = ("turn", "advisory", "batch")
 SMOKE_WRITES = 40

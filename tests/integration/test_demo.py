@@ -16,7 +16,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from writeturn import Outcome
 from writeturn.cli import main
-from writeturn.demo import (
+from writeturn.errors import ConfigurationError
+from writeturn.stats import SerializerStats
+from writeturn.tools.demo import (
+    GUARANTEES,
     HOT_KEY,
     CancelMode,
     Check,
@@ -43,19 +46,9 @@ from writeturn.demo import (
     plan_writes,
     run_demo,
 )
-from writeturn.errors import ConfigurationError
-from writeturn.stats import SerializerStats
 
-GUARANTEES = (
-    "mutual exclusion",
-    "order",
-    "alternation",
-    "clean hand-over",
-    "cancellation",
-    "outcome truth",
-    "re-entrancy",
-    "timeouts",
-)
+from ._blocks import ROOT, guarantee_names
+
 BOOKKEEPING = ("counts", "stats")
 PASSWORD = "pw_s3cret"
 SMALL = ["--writers", "3", "--writes", "30"]
@@ -75,6 +68,11 @@ def run_module(args: list[str]) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env={**os.environ, "PYTHONWARNINGS": "error"},
     )
+
+
+def test_the_demo_checks_the_readme_guarantees_in_order() -> None:
+    # The demo's own list is the one the tests use: it must be the README's.
+    assert [name.lower() for name in guarantee_names(ROOT / "README.md")] == list(GUARANTEES)
 
 
 def assert_all_pass(output: str) -> None:

@@ -30,10 +30,10 @@ from sqlalchemy.pool import NullPool
 from writeturn import WriteSerializer, migrations
 from writeturn.cli import main as cli_main
 from writeturn.dialects import lock_id
-from writeturn.doctor import Check, diagnose, statement_kind
 from writeturn.errors import ConfigurationError
 from writeturn.migrations import URL_ENV, lock_async, lock_key
 from writeturn.schema import VERSION_TABLE
+from writeturn.tools.doctor import Check, diagnose, statement_kind
 from writeturn.urls import SUPPORTED_FORMS, redact
 
 pytestmark = pytest.mark.timeout(60)

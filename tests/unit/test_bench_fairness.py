@@ -3,8 +3,8 @@ while another writer waited for that key."""
 
 from __future__ import annotations
 
-from writeturn.bench._cell import Record, fairness_run
-from writeturn.bench._workloads import Op
+from writeturn.tools.bench._cell import Record, fairness_run
+from writeturn.tools.bench._workloads import Op
 
 
 def commits(*writes: tuple[int, str, float, float]) -> list[Record]:

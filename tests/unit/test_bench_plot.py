@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from writeturn.bench import BenchResults, CellResult, latency_plot_path, write_plot
-from writeturn.bench._report import STRATEGY_COLOURS, plot_figures
+from writeturn.tools.bench import BenchResults, CellResult, latency_plot_path, write_plot
+from writeturn.tools.bench._report import STRATEGY_COLOURS, plot_figures
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.colors import to_hex  # noqa: E402

@@ -110,3 +110,69 @@ def test_the_write_lifecycle_depends_downwards_only() -> None:
     ]
     assert "writeturn._write" in core
     assert [m for m in core if "writeturn.serializer" in graph[m]] == []
+
+
+#: Old import paths kept for the tools, each re-exporting from ``writeturn.tools``.
+SHIMS = {"writeturn.bench"}
+
+
+def _is_tool_side(module: str) -> bool:
+    return any(
+        module == p or module.startswith(p + ".") for p in ("writeturn.tools", "writeturn.cli")
+    )
+
+
+def test_the_library_does_not_import_the_tools() -> None:
+    graph = import_graph()
+    assert "writeturn.tools.demo" in graph
+    offenders = {
+        mod: sorted(m for m in deps if m.startswith("writeturn.tools"))
+        for mod, deps in graph.items()
+        if not _is_tool_side(mod) and mod not in SHIMS
+    }
+    assert {mod: deps for mod, deps in offenders.items() if deps} == {}
+
+
+def test_a_re_export_imports_only_the_tools() -> None:
+    for shim in SHIMS:
+        path = PACKAGE.parent.joinpath(*shim.split(".")) / "__init__.py"
+        if not path.exists():
+            path = path.parent.with_suffix(".py")
+        imported = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, shim
+                imported.append(node.module or "")
+            elif isinstance(node, ast.Import):
+                imported += [a.name for a in node.names]
+        assert imported, shim
+        others = [m for m in imported if m != "__future__" and not m.startswith("writeturn.tools")]
+        assert others == [], shim
+
+
+def test_the_benchmark_keeps_its_documented_import_path() -> None:
+    import writeturn.bench
+    import writeturn.tools.bench
+
+    assert writeturn.bench.run_bench is writeturn.tools.bench.run_bench
+    assert sorted(writeturn.bench.__all__) == sorted(writeturn.tools.bench.__all__)
+    assert all(
+        getattr(writeturn.bench, n) is getattr(writeturn.tools.bench, n)
+        for n in writeturn.bench.__all__
+    )
+
+
+def test_the_demo_checks_and_report_do_not_run_anything() -> None:
+    graph = import_graph()
+    # The checks are pure functions of what a run saw, and the report only renders:
+    # neither reaches the run, nor the serializer it drives.
+    for part in ["writeturn.tools.demo._plan", "writeturn.tools.demo._checks"]:
+        assert not graph[part] & {
+            "writeturn.tools.demo._run",
+            "writeturn.tools.demo._report",
+            "writeturn.serializer",
+        }, part
+    assert not graph["writeturn.tools.demo._report"] & {
+        "writeturn.tools.demo._run",
+        "writeturn.serializer",
+    }

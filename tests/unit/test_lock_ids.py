@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from writeturn import ConfigurationError, WriteSerializer
+from writeturn import ConfigurationError, WriteSerializer, migrations
 from writeturn._options import check_key
-from writeturn.dialects import lock_id
+from writeturn.dialects import lock_id, migration_lock_id
 
 # Computed once from lock_id as it was released, and written down here on purpose.
 PINNED = [
@@ -32,6 +32,22 @@ def test_lock_ids_never_change(namespace: str, key: str, expected: int) -> None:
     never update these numbers; keep the derivation instead.
     """
     assert lock_id(namespace, key) == expected
+
+
+# The migration lock's ids, likewise: migrators of two releases must wait for each other.
+PINNED_MIGRATION = [
+    ("writeturn", "writeturn_alembic_version", -9049902245685913173),
+    ("writeturn", "alembic_version", -2815452841851996982),
+    ("myapp", "alembic_version", 2159332349466422425),
+]
+
+
+@pytest.mark.parametrize(("namespace", "name", "expected"), PINNED_MIGRATION)
+def test_migration_lock_ids_never_change(namespace: str, name: str, expected: int) -> None:
+    """Hard-coded on purpose, as above: never update these numbers."""
+    assert migration_lock_id(namespace, name) == expected
+    assert migrations.lock_key(namespace, name) == expected
+    assert expected != lock_id(namespace, name)
 
 
 def test_a_nul_would_let_two_names_share_a_lock_so_it_is_refused(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from writeturn._options import (
     check_idempotency_key,
     check_key,
     check_writer,
+    is_seconds,
 )
 from writeturn.errors import SHOWN_CHARS, shown
 
@@ -119,3 +121,24 @@ def test_a_long_url_is_cut_and_its_password_masked() -> None:
     message = str(caught.value)
     assert "app:***@db" in message and "hunter2" not in message
     assert "characters)" in message and len(message) < 600
+
+
+@pytest.mark.parametrize(
+    ("value", "allow_zero", "expected"),
+    [
+        (1, False, True),
+        (0.5, False, True),
+        (0, False, False),
+        (0, True, True),
+        (-1, True, False),
+        (True, True, False),
+        (math.inf, True, False),
+        (math.nan, True, False),
+        ("1", True, False),
+        (None, True, False),
+    ],
+)
+def test_one_check_says_what_a_number_of_seconds_is(
+    value: object, allow_zero: bool, expected: bool
+) -> None:
+    assert is_seconds(value, allow_zero=allow_zero) is expected

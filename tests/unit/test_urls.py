@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 from writeturn.errors import ConfigurationError, UnsupportedDatabase, WriteturnError
-from writeturn.urls import backend_of, normalize_url, redact
+from writeturn.urls import backend_of, describe_error, normalize_url, redact
 
 SECRET = "s3cret"
 
@@ -380,3 +380,28 @@ def test_sslnegotiation_postgres_is_the_default_and_direct_is_direct_tls() -> No
 def test_parameters_sqlalchemy_and_asyncpg_take_from_a_url_pass(query: str) -> None:
     url, _ = _options(f"postgresql://u@/app?{query}")
     assert set(url.query) == {query.split("=")[0]}
+
+
+@pytest.mark.parametrize(
+    ("exc", "url", "expected"),
+    [
+        (OSError("refused\nat postgresql://app:pw_s3cret@db/app"), None, "OSError: refused"),
+        (
+            OSError("\n  bad pw_s3cret  \nmore"),
+            "postgresql://app:pw_s3cret@db/app",
+            "OSError: bad ***",
+        ),
+        (
+            RuntimeError("pw_s3cret"),
+            make_url("postgresql://app:pw_s3cret@db/app"),
+            "RuntimeError: ***",
+        ),
+        (TimeoutError(), None, "TimeoutError"),
+        (ValueError("  "), "not a url", "ValueError"),
+        (ValueError("x"), "postgresql://app@db/app", "ValueError: x"),
+    ],
+)
+def test_an_error_is_told_in_one_line_with_the_password_masked(
+    exc: BaseException, url: str | URL | None, expected: str
+) -> None:
+    assert describe_error(exc, url) == expected

@@ -4,9 +4,9 @@ One module per command (``cli/demo.py`` ...), each with ``register(subparsers)``
 that adds its parser and sets ``run`` (returning the exit status) on it. What
 they share (argument types, the ``--url`` / ``$WRITETURN_DATABASE_URL`` lookup,
 the one-line error with passwords masked) is in ``cli/_common.py``. The
-commands only parse and print; the work is done by the library modules
-(``writeturn.demo``, ``writeturn.doctor``, ``writeturn.migrations``,
-``writeturn.bench``), which know nothing of argparse.
+commands only parse and print; the work is done by the tools
+(``writeturn.tools.demo``, ``writeturn.tools.doctor``, ``writeturn.tools.bench``)
+and ``writeturn.migrations``, which know nothing of argparse.
 
 Exit status: 0 success, 1 a failed check or run (an unreachable database
 included), 2 invalid usage or configuration, 130 interrupted.

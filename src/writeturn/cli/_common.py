@@ -26,8 +26,9 @@ from typing import NoReturn, TextIO, TypeVar
 
 from sqlalchemy.engine import make_url
 
+from .._options import is_seconds
 from ..errors import ConfigurationError, WriteturnError
-from ..urls import URL_ENV, normalize_url, redact
+from ..urls import URL_ENV, describe_error, normalize_url, redact
 
 __all__ = [
     "URL_ENV",
@@ -143,7 +144,7 @@ def seconds(name: str, *, allow_zero: bool) -> Callable[[str], float]:
             number = float(value)
         except ValueError:
             number = math.nan
-        if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        if not is_seconds(number, allow_zero=allow_zero):
             raise argparse.ArgumentTypeError(
                 f"{name} must be a number of seconds {allowed}, got {value!r}"
             )
@@ -242,8 +243,7 @@ def print_error(command: str, exc: BaseException, urls: Iterable[str | None] = (
     if isinstance(exc, WriteturnError) and message:
         line = " ".join(message.split())
     else:
-        first = message.splitlines()[0] if message else ""
-        line = f"{type(exc).__name__}: {first}".rstrip(": ")
+        line = describe_error(exc)
     ours = isinstance(exc, WriteturnError)
     print(f"writeturn {command}: error: {mask(line, urls, patterns=not ours)}", file=sys.stderr)
     return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED

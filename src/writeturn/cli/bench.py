@@ -8,7 +8,9 @@ import importlib
 import sys
 from pathlib import Path
 
-from ..bench import (
+from ..dialects import SQLITE_SYNCHRONOUS
+from ..errors import ConfigurationError
+from ..tools.bench import (
     STRATEGIES,
     TEMP_SQLITE,
     WORKLOADS,
@@ -20,9 +22,7 @@ from ..bench import (
     write_json,
     write_plot,
 )
-from ..bench._model import WRITETURN_STRATEGIES
-from ..dialects import SQLITE_SYNCHRONOUS
-from ..errors import ConfigurationError
+from ..tools.bench._model import WRITETURN_STRATEGIES
 from ..urls import normalize_url
 from ._common import Parser, ProgressLine, choice_list, comma_list, rate, whole
 

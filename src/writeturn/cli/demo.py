@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from ..demo import (
+from ..tools.demo import (
     DEFAULT_TIME_LIMIT,
     MAX_KEYS,
     MAX_WRITERS,

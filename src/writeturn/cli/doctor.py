@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ..doctor import DEFAULT_IDLE_THRESHOLD, diagnose, format_json, format_text
 from ..migrations import DEFAULT_NAMESPACE
+from ..tools.doctor import DEFAULT_IDLE_THRESHOLD, diagnose, format_json, format_text
 from ._common import Parser, add_url_option, database_url, seconds
 
 __all__ = ["register"]

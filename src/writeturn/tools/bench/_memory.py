@@ -15,8 +15,8 @@ import time
 import tracemalloc
 from typing import Any
 
-from ..handle import WriteHandle
-from ..serializer import WriteSerializer
+from ...handle import WriteHandle
+from ...serializer import WriteSerializer
 from ._model import MemoryResult
 from ._strategies import Database
 

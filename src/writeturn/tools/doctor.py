@@ -47,16 +47,15 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import TextClause, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ._sqlite_connect import join_failed_connects
-from .dialects import lock_id
-from .errors import ConfigurationError, WriteturnError
-from .journal import TABLE as JOURNAL_TABLE
-from .migrations import DEFAULT_NAMESPACE, current_async, history, lock_key
-from .schema import VERSION_TABLE
-from .urls import Backend, backend_of, engine_options, normalize_url, redact
+from .._engines import unpooled_engine
+from ..dialects import lock_id, migration_lock_id
+from ..errors import ConfigurationError, WriteturnError
+from ..journal import TABLE as JOURNAL_TABLE
+from ..migrations import DEFAULT_NAMESPACE, current_async, history
+from ..schema import VERSION_TABLE
+from ..urls import Backend, backend_of, describe_error, normalize_url, redact
 
 __all__ = [
     "Check",
@@ -242,18 +241,6 @@ def statement_kind(query: str) -> str:
 
 def _app(name: str | None) -> str:
     return repr(name) if name else "(none)"
-
-
-def _error_text(exc: BaseException, url: str | URL | None) -> str:
-    """The first line of an error, with the URL's password (if any) masked."""
-    lines = str(exc).strip().splitlines()
-    message = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    password = None
-    with contextlib.suppress(Exception):
-        password = normalize_url(url).password if url is not None else None
-    if isinstance(password, str) and password:
-        message = message.replace(password, "***")
-    return message
 
 
 def _migrate_command(url: URL) -> str:
@@ -591,7 +578,7 @@ def _lock_names(options: _Options) -> dict[int, str]:
         for k in options.keys
         for key in (lock_id(ns, k),)
     }
-    migration = lock_key(ns, VERSION_TABLE)
+    migration = migration_lock_id(ns, VERSION_TABLE)
     names[migration] = f"the migration lock (namespace {ns!r}, lock id {migration})"
     return names
 
@@ -686,7 +673,9 @@ async def _check_pg_locks(conn: AsyncConnection, ctx: _Context) -> list[Check]:
     locks = [_AdvisoryLock.from_row(tuple(row)) for row in rows]
     options, names = ctx.options, _lock_names(ctx.options)
     threshold = options.idle_threshold
-    named: list[tuple[str, int]] = [("migration lock", lock_key(options.namespace, VERSION_TABLE))]
+    named: list[tuple[str, int]] = [
+        ("migration lock", migration_lock_id(options.namespace, VERSION_TABLE))
+    ]
     named += [(f"write lock {k!r}", lock_id(options.namespace, k)) for k in options.keys]
     checks: list[Check] = []
     for name, key in named:
@@ -747,21 +736,15 @@ POSTGRES_CHECKS: tuple[tuple[str, _CheckFn], ...] = (
 # --------------------------------------------------------------------------- running
 
 
-def _engine(url: URL, backend: Backend) -> AsyncEngine:
-    connect_args: dict[str, Any] = {}
-    if backend == "postgresql":
-        connect_args = {
-            "timeout": CONNECT_TIMEOUT,
-            "server_settings": {
-                "application_name": APPLICATION_NAME,
-                "statement_timeout": str(STATEMENT_TIMEOUT_MS),
-            },
-        }
-    url, mapped = engine_options(url, {"connect_args": connect_args})
-    engine = create_async_engine(url, poolclass=NullPool, **mapped)
-    if backend == "sqlite":
-        join_failed_connects(engine)
-    return engine
+def _engine(url: URL) -> AsyncEngine:
+    connect_args = {
+        "timeout": CONNECT_TIMEOUT,
+        "server_settings": {
+            "application_name": APPLICATION_NAME,
+            "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+        },
+    }
+    return unpooled_engine(url, connect_args)
 
 
 async def _run_check(
@@ -777,7 +760,7 @@ async def _run_check(
             Check(
                 name,
                 "FAIL",
-                f"the check could not run: {_error_text(exc, ctx.url)}",
+                f"the check could not run: {describe_error(exc, ctx.url)}",
                 "see the error: the database may be damaged, or the doctor's user lacks rights",
             )
         ]
@@ -792,7 +775,7 @@ async def _run_connected(ctx: _Context, checks: Sequence[tuple[str, _CheckFn]]) 
                 "connection",
                 "FAIL",
                 f"database unreachable: cannot connect to {redact(ctx.url)}: "
-                f"{_error_text(exc, ctx.url)}",
+                f"{describe_error(exc, ctx.url)}",
                 "check that the server runs and accepts connections, and that the host, port, "
                 "database name, user and password in the URL are right",
             )
@@ -840,7 +823,7 @@ async def diagnose(
     normalized = normalize_url(url)
     options = _Options.checked(namespace, keys, idle_threshold, show_queries)
     backend = backend_of(normalized)
-    engine = _engine(normalized, backend)
+    engine = _engine(normalized)
     path = _sqlite_path(normalized) if backend == "sqlite" else None
     ctx = _Context(normalized, engine, options, path)
     try:

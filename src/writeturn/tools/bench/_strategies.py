@@ -28,9 +28,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ..dialects import configure_sqlite_engine
-from ..outcome import Outcome
-from ..serializer import WriteSerializer
+from ...dialects import configure_sqlite_engine
+from ...outcome import Outcome
+from ...serializer import WriteSerializer
 from ._workloads import Apply, Op
 
 __all__ = [

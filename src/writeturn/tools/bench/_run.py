@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..dialects import SQLITE_SYNCHRONOUS
-from ..errors import ConfigurationError, DatabaseUnreachable
-from ..urls import backend_of, describe_error, normalize_url, redact
+from ...dialects import SQLITE_SYNCHRONOUS
+from ...errors import ConfigurationError, DatabaseUnreachable
+from ...urls import backend_of, describe_error, normalize_url, redact
 from ._cell import CellSpec, run_cell
 from ._memory import measure_memory
 from ._model import (

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ...urls import describe_error
 from ._model import CellResult
 from ._strategies import Database, Strategy, StrategyStats, make_strategy
 from ._workloads import WORKLOAD_TABLE, Op, check_invariants, create_tables, drop_tables, make_ops
@@ -52,7 +53,7 @@ class Record:
         if task.cancelled():
             self.state = "cancelled"
         elif (exc := task.exception()) is not None:
-            self.state, self.error = "error", f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.state, self.error = "error", describe_error(exc)
         else:
             self.state = "ok"
 
@@ -84,8 +85,7 @@ async def run_cell(spec: CellSpec, admin: AsyncEngine) -> CellResult:
             await conn.rollback()
     except Exception as exc:
         result.status = "failed"
-        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        result.note = _scrub(f"{text} (in {_where(exc)})", spec.database)
+        result.note = _scrub(f"{describe_error(exc)} (in {_where(exc)})", spec.database)
         return result
     finally:
         await _drop(admin, result)
