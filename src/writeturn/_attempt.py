@@ -86,7 +86,9 @@ class Attempt:
             raise asyncio.CancelledError
         return result
 
-    async def abandon(self, record: WriteRecord, exc: BaseException) -> tuple[Outcome, Any]:
+    async def abandon(
+        self, record: WriteRecord, exc: BaseException
+    ) -> tuple[Outcome, BaseException | None]:
         """``record``'s attempt failed with ``exc`` before COMMIT: roll back if it began.
 
         Returns its outcome and the error it ends with: WITHDRAWN (or ROLLED_BACK
