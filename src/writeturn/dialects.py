@@ -301,11 +301,11 @@ class SQLiteDialect(Dialect):
     @staticmethod
     async def _busy_timeout_ms(conn: AsyncConnection, driver: Any) -> int:
         """The connection's own busy timeout, read once per connection."""
-        info = conn.info
-        if "writeturn_busy_ms" not in info:
+        busy = conn.info.get(_BUSY_MS)
+        if busy is None:
             row = await (await driver.execute("PRAGMA busy_timeout")).fetchone()
-            info["writeturn_busy_ms"] = int(row[0] if row else 0)
-        return int(info["writeturn_busy_ms"])
+            busy = _remember_busy_ms(conn, row)
+        return int(busy)
 
     async def interrupt(self, conn: AsyncConnection, engine: AsyncEngine) -> None:
         step = self._beginning.get(id(conn))
@@ -324,6 +324,7 @@ class SQLiteDialect(Dialect):
 
 
 _SESSION_LOCK = "writeturn_session_lock"  # conn.info: a key's session lock taken (or asked for)
+_BUSY_MS = "writeturn_busy_ms"  # conn.info: the connection's own busy timeout, in ms
 _BUSY_SHORTENED = "writeturn_busy_shortened"  # conn.info: a capped BEGIN changed the timeout
 _PATIENCE = 1.0  # seconds beyond the busy timeout before a line that does not move is left
 
@@ -352,9 +353,9 @@ def _begin_at_once(conn: AsyncConnection, driver: Any) -> bool:
         info[_NO_DIRECT_CALLS] = True
         return False
     try:
-        if "writeturn_busy_ms" not in info:
-            row = raw.execute("PRAGMA busy_timeout").fetchone()
-            info["writeturn_busy_ms"] = int(row[0] if row else 0)
+        busy = info.get(_BUSY_MS)
+        if busy is None:
+            busy = _remember_busy_ms(conn, raw.execute("PRAGMA busy_timeout").fetchone())
         raw.execute("PRAGMA busy_timeout=0")
     except sqlite3.ProgrammingError:  # created with check_same_thread (a memory database)
         info[_NO_DIRECT_CALLS] = True
@@ -364,8 +365,15 @@ def _begin_at_once(conn: AsyncConnection, driver: Any) -> bool:
     except sqlite3.Error:
         return False  # busy (or worse): the usual BEGIN waits for it, or says what it is
     finally:
-        raw.execute(f"PRAGMA busy_timeout={int(info['writeturn_busy_ms'])}")
+        raw.execute(f"PRAGMA busy_timeout={int(busy)}")
     return True
+
+
+def _remember_busy_ms(conn: AsyncConnection, row: Any) -> int:
+    """Note ``conn``'s own busy timeout (the row of ``PRAGMA busy_timeout``): read once."""
+    busy = int(row[0] if row else 0)
+    conn.info[_BUSY_MS] = busy
+    return busy
 
 
 class _Beginning:

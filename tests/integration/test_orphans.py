@@ -38,6 +38,7 @@ from ._db import (
     serializer,
 )
 from ._proxy import PROXIED, CuttingProxy
+from .test_seams import until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -263,11 +264,7 @@ async def test_a_session_ended_as_its_lock_is_granted_leaves_nothing_for_asyncio
                 await blocker.execute("SELECT pg_advisory_unlock_all()")
                 await _until(blocker, GRANTED_AND_IDLE, pid)
                 assert await blocker.fetchval("SELECT pg_terminate_backend($1)", pid)
-                for _ in range(500):
-                    if proxy.closed_while_held():
-                        break
-                    await asyncio.sleep(0.01)
-                assert proxy.closed_while_held() == 1
+                assert await until(lambda: proxy.closed_while_held() == 1, 5.0)
                 proxy.release(linger=0.3)
                 assert await asyncio.wait_for(h, 30) is None
                 outcomes = await _check_outcomes(pg_url, {("w", 0): h})
