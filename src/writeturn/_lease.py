@@ -15,8 +15,9 @@ transaction's :class:`~writeturn._calls.Calls` and runs to the end.
 # Invariants:
 # - the lease holds at most one connection, and the funnel's ``conn`` is it;
 # - connect() keeps the connection the lease holds unless it was invalidated, and
-#   takes a new one only once the dialect found it alive (after three dead ones
-#   in a row it raises DatabaseUnreachable, holding none);
+#   takes a new one only once the dialect found it alive; a dead one retires
+#   every connection the pool made before it (after three dead ones in a row it
+#   raises DatabaseUnreachable, holding none);
 # - a connection handed back is disowned first, and has its key's lock released
 #   (or is discarded) before it is parked; an invalidated one is counted, never
 #   parked, and takes the parked ones with it;
@@ -102,6 +103,7 @@ class Lease:
                 self.conn = self._calls.conn = conn
                 return
             log.info("writeturn: a connection had been closed by the server while idle")
+            _retire_generation(self._engine, conn)
             self.conn = self._calls.conn = conn
             await self._calls.call(conn.invalidate(), interruptible=False)
             await self.hand_back()
@@ -205,3 +207,17 @@ class Lease:
         )
         err.__cause__ = error
         return err
+
+
+def _retire_generation(engine: AsyncEngine, conn: AsyncConnection) -> None:
+    """Tell the pool that ``conn`` died while idle, as SQLAlchemy tells it of a
+    disconnect it sees itself: every connection made before it is recycled at its
+    next checkout. A restart, or a kill of every backend, leaves the pool full of
+    dead connections, and the write would otherwise meet them one by one."""
+    sync = conn.sync_connection
+    if sync is None:
+        return
+    try:
+        engine.pool._invalidate(sync.connection, _checkin=False)
+    except Exception as exc:  # pragma: no cover - SQLAlchemy without the pool's hook
+        log.debug("writeturn: the pool's connections could not be retired (%r)", exc)

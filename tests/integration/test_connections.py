@@ -176,6 +176,33 @@ async def test_a_connection_killed_while_idle_costs_the_write_nothing(
         assert [r[3] for r in await ledger(ser.engine)] == [1, 2]
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("coordination", ["turn", "advisory"])
+async def test_every_idle_connection_of_the_pool_killed_at_once_costs_the_write_nothing(
+    pg_url: str, coordination: str
+) -> None:
+    """A server restart (or a kill of every backend) leaves the pool full of dead
+    connections: the write gets a fresh one, not DatabaseUnreachable after three."""
+    async with (
+        asyncio.timeout(60),
+        WriteSerializer.from_url(pg_url, coordination=coordination, pool_size=8) as ser,
+    ):
+        await create_tables(ser.engine)
+        # Six connections checked out at once, then checked in: the pool holds six idle.
+        held = [await ser.engine.connect() for _ in range(6)]
+        for conn in held:
+            await conn.close()
+        assert ser.engine.pool.checkedin() >= 6  # type: ignore[attr-defined]
+        assert await _terminate_others(pg_url) >= 6
+        await asyncio.sleep(0.2)  # the event loop sees the sockets close
+
+        async def write(session: AsyncSession, i: int) -> None:
+            await record(session, "k", None, i)
+
+        await ser.run(write, 1, key="k", timeout=10)
+        assert [r[3] for r in await ledger(ser.engine)] == [1]
+
+
 # -- 4. backends terminated under group commit: only writeturn's errors --------------------
 
 
