@@ -35,7 +35,7 @@ from . import _owned, journal
 from ._calls import Calls
 from ._error_kinds import ErrorKind, classify
 from ._write import WriteRecord
-from .dialects import Dialect
+from .dialects import Dialect, TransactionId
 from .errors import OutcomeUnknown, TransactionAborted, TransactionOwnedError
 from .outcome import Outcome
 from .urls import describe_error
@@ -103,7 +103,7 @@ class CommitOutcome:
         return not lost and isinstance(exc, DBAPIError)
 
     async def learn(
-        self, exc: Exception, xid: int | None, own_row: JournalRow | None
+        self, exc: Exception, xid: TransactionId | None, own_row: JournalRow | None
     ) -> tuple[Outcome, BaseException | None]:
         """The outcome of a COMMIT that raised ``exc`` and was not :meth:`refused` (the
         connection died with it in flight), and the error the transaction ends with.

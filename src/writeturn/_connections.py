@@ -19,7 +19,7 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import Pool, QueuePool
 
-__all__ = ["ConnectionCache"]
+__all__ = ["ConnectionCache", "retire_generation"]
 
 log = logging.getLogger("writeturn")
 
@@ -140,3 +140,21 @@ def _room_left(pool: Pool) -> bool:
             return True  # unlimited overflow
         return pool.checkedout() < pool.size() + max_overflow
     return type(pool).__name__ == "NullPool"
+
+
+def retire_generation(conn: AsyncConnection) -> None:
+    """Tell ``conn``'s pool that it is lost, as SQLAlchemy tells the pool of a
+    disconnect it sees itself: every connection the pool made before it is
+    recycled at its next checkout. Call it before invalidating ``conn``.
+
+    A restart, a kill of every backend or a failover leaves the pool full of
+    connections as dead (or as useless for writes) as this one, and the next
+    writes would otherwise meet them one by one.
+    """
+    sync = conn.sync_connection
+    if sync is None or sync.invalidated:
+        return
+    try:
+        sync.engine.pool._invalidate(sync.connection, _checkin=False)
+    except Exception as exc:  # pragma: no cover - SQLAlchemy without the pool's hook
+        log.debug("writeturn: the pool's connections could not be retired (%r)", exc)

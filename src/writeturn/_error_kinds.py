@@ -18,12 +18,15 @@ only kind another database gets is ``LOST``, which SQLAlchemy itself decides.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .schema import VERSION_TABLE, metadata
 
-__all__ = ["ErrorKind", "classify"]
+__all__ = ["ErrorKind", "classify", "install"]
 
 
 class ErrorKind(enum.Flag):
@@ -49,6 +52,10 @@ class ErrorKind(enum.Flag):
     MISSING_TABLE = enum.auto()
     #: A lock wait ran out its ``lock_timeout`` (Postgres).
     LOCK_TIMEOUT = enum.auto()
+    #: The server takes no writes: a standby (in recovery), a primary fenced
+    #: read-only or demoted, one shutting down (Postgres). A connection to it
+    #: is lost for writes: see :func:`install`.
+    UNWRITABLE = enum.auto()
     #: None of the above.
     OTHER = enum.auto()
 
@@ -72,6 +79,28 @@ def classify(dialect: str, exc: BaseException) -> ErrorKind:
     return kind or ErrorKind.OTHER
 
 
+def install(engine: AsyncEngine) -> None:
+    """Make SQLAlchemy treat an error of ``engine`` that says the server takes no
+    writes (:attr:`ErrorKind.UNWRITABLE`) as a disconnect: the connection is
+    invalidated, with every pooled connection made before it, as for a dropped
+    socket. A failover's old primary, fenced read-only, keeps its connections
+    open and answers every write with an error: its connections would
+    otherwise go back to the pool and fail every later write until the pool
+    turned over. A fresh connection reaches the new primary where the URL names
+    every host with ``target_session_attrs=read-write``. Installed once per engine.
+    """
+    sync = engine.sync_engine
+    if not event.contains(sync, "handle_error", _on_error):
+        event.listen(sync, "handle_error", _on_error)
+
+
+def _on_error(ctx: Any) -> None:
+    exc = ctx.sqlalchemy_exception
+    if not ctx.is_disconnect and exc is not None and ctx.dialect is not None:
+        if ErrorKind.UNWRITABLE in classify(ctx.dialect.name, exc):
+            ctx.is_disconnect = True
+
+
 # -- Postgres (asyncpg) ------------------------------------------------------------------
 
 #: asyncpg refuses a call with these before it writes anything to the socket.
@@ -88,7 +117,17 @@ _STATES = {
     "26000": ErrorKind.STATEMENT_CLASH,
     "42P01": ErrorKind.MISSING_TABLE,
     "55P03": ErrorKind.LOCK_TIMEOUT,
+    # read_only_sql_transaction (a standby, default_transaction_read_only fencing);
+    # admin_shutdown, crash_shutdown, cannot_connect_now (shutting down, or in recovery).
+    "25006": ErrorKind.UNWRITABLE,
+    "57P01": ErrorKind.UNWRITABLE,
+    "57P02": ErrorKind.UNWRITABLE,
+    "57P03": ErrorKind.UNWRITABLE,
 }
+
+#: What a server in recovery says of functions that need a primary (the WAL
+#: position, assigning a transaction id), whatever their SQLSTATE.
+_IN_RECOVERY = ("recovery is in progress", "during recovery")
 
 
 def _postgres(exc: BaseException) -> ErrorKind:
@@ -98,6 +137,8 @@ def _postgres(exc: BaseException) -> ErrorKind:
         kind |= ErrorKind.NOT_SENT
     if isinstance(exc, DBAPIError):
         kind |= _STATES.get(_sqlstate(exc) or "", ErrorKind(0))
+        if any(marker in text for marker in _IN_RECOVERY):
+            kind |= ErrorKind.UNWRITABLE
     return kind
 
 

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import _owned
 from ._calls import Calls
-from ._connections import ConnectionCache
+from ._connections import ConnectionCache, retire_generation
 from ._error_kinds import ErrorKind, classify
 from .dialects import Dialect
 from .errors import ConnectionLost, DatabaseUnreachable, OutcomeUnknown, PoolExhausted
@@ -103,7 +103,7 @@ class Lease:
                 self.conn = self._calls.conn = conn
                 return
             log.info("writeturn: a connection had been closed by the server while idle")
-            _retire_generation(self._engine, conn)
+            retire_generation(conn)
             self.conn = self._calls.conn = conn
             await self._calls.call(conn.invalidate(), interruptible=False)
             await self.hand_back()
@@ -201,23 +201,18 @@ class Lease:
         ):
             return error
         cause = describe_error(error, self._engine.url)
-        err = ConnectionLost(
-            f"the connection to the database was lost during the write on key "
-            f"{self._key!r}; outcome {outcome.value}: {cause}"
-        )
+        if ErrorKind.UNWRITABLE in classify(self._dialect.name, error):
+            err = ConnectionLost(
+                f"the server no longer takes writes (a standby, or a primary fenced "
+                f"read-only, demoted or shutting down), so the connection of the write on key "
+                f"{self._key!r} was discarded; outcome {outcome.value}: {cause}. Name every "
+                "host in the URL with target_session_attrs=read-write, so that a new "
+                "connection finds the primary, and give writes retries= to run them again there"
+            )
+        else:
+            err = ConnectionLost(
+                f"the connection to the database was lost during the write on key "
+                f"{self._key!r}; outcome {outcome.value}: {cause}"
+            )
         err.__cause__ = error
         return err
-
-
-def _retire_generation(engine: AsyncEngine, conn: AsyncConnection) -> None:
-    """Tell the pool that ``conn`` died while idle, as SQLAlchemy tells it of a
-    disconnect it sees itself: every connection made before it is recycled at its
-    next checkout. A restart, or a kill of every backend, leaves the pool full of
-    dead connections, and the write would otherwise meet them one by one."""
-    sync = conn.sync_connection
-    if sync is None:
-        return
-    try:
-        engine.pool._invalidate(sync.connection, _checkin=False)
-    except Exception as exc:  # pragma: no cover - SQLAlchemy without the pool's hook
-        log.debug("writeturn: the pool's connections could not be retired (%r)", exc)

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _owned
+from . import _error_kinds, _owned
 from ._connections import ConnectionCache
 from ._lifecycle import Lifecycle
 from ._options import Options
@@ -101,6 +101,7 @@ class Runtime:
         # The serializer's phase (new, started, closing, closed): see _lifecycle.
         self.lifecycle = Lifecycle()
         _owned.install(engine)
+        _error_kinds.install(engine)
 
     # -- the Owner interface of write records ------------------------------------
 

@@ -41,6 +41,7 @@ from ._lease import Lease
 from ._runtime import Runtime
 from ._session import WriteSession
 from ._write import WriteRecord
+from .dialects import TransactionId
 from .outcome import Outcome
 
 __all__ = ["Transaction"]
@@ -93,7 +94,7 @@ class Transaction:
         )
         self._outcome = CommitOutcome(self._calls, rt.engine, rt.dialect, opts.namespace, key)
         self.began = False
-        self._xid: int | None = None
+        self._xid: TransactionId | None = None
         self._session: WriteSession | None = None
         self._sessions: list[SessionGate] = []
 

@@ -15,13 +15,14 @@ import hashlib
 import logging
 import sqlite3
 import uuid
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ._connections import retire_generation
 from ._error_kinds import ErrorKind, classify
 from ._options import Coordination, check_busy_timeout
 from ._sqlite_connect import join_failed_connects
@@ -31,6 +32,7 @@ from .outcome import Outcome
 
 __all__ = [
     "Dialect",
+    "TransactionId",
     "SQLiteDialect",
     "PostgresDialect",
     "dialect_for",
@@ -45,6 +47,25 @@ __all__ = [
 log = logging.getLogger("writeturn")
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+#: A Postgres server as a transaction id knows it: its system identifier and
+#: the timeline it writes on.
+ServerId = tuple[int, int]
+
+
+class TransactionId(NamedTuple):
+    """A transaction's id and the server that gave it.
+
+    An id means something only on the server (and timeline) that gave it. A
+    standby promoted after a failover goes on from the last id it replayed,
+    so an id the old primary gave to a transaction that never reached the
+    standby is given again, on the new timeline, to another transaction: asked
+    about it there, ``txid_status`` answers about that other one.
+    """
+
+    number: int
+    #: (system identifier, timeline) of the server that gave ``number``.
+    server: ServerId
 
 
 def lock_id(namespace: str, key: str) -> int:
@@ -130,8 +151,8 @@ class Dialect:
 
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
-    ) -> int | None:
-        """Start the write transaction on ``conn``; return a transaction id if one is known.
+    ) -> TransactionId | None:
+        """Start the write transaction on ``conn``; return its id if one is known.
 
         ``deadline`` (event-loop time) is when the write's timeout expires.
         """
@@ -174,7 +195,7 @@ class Dialect:
         """Ask the driver to stop the statement running on ``conn`` with an ordinary error."""
         raise NotImplementedError
 
-    async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
+    async def commit_outcome(self, engine: AsyncEngine, xid: TransactionId | None) -> Outcome:
         """Learn, on a fresh connection, whether transaction ``xid`` committed."""
         return Outcome.UNKNOWN
 
@@ -210,7 +231,7 @@ class SQLiteDialect(Dialect):
 
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
-    ) -> int | None:
+    ) -> TransactionId | None:
         # SQLAlchemy's own bookkeeping (pysqlite sends nothing for it), then
         # BEGIN IMMEDIATE straight to the driver: one round trip to SQLite's
         # thread, where a statement through SQLAlchemy costs three.
@@ -404,7 +425,15 @@ class PostgresDialect(Dialect):
         return self.coordination == "advisory"
 
     _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id), txid_current()")
-    _STATUS = text("SELECT txid_status(:xid)")
+    #: The server a connection reaches, and its role: the WAL position function
+    #: fails on a standby ("recovery is in progress"), which takes no writes.
+    _SERVER_SQL = (
+        "SELECT system_identifier, pg_walfile_name(pg_current_wal_lsn()) FROM pg_control_system()"
+    )
+    _STATUS = text(
+        "SELECT txid_status(:xid), system_identifier, pg_walfile_name(pg_current_wal_lsn()) "
+        "FROM pg_control_system()"
+    )
     _CANCEL = text("SELECT pg_cancel_backend(:pid)")
 
     #: The lock query as asyncpg takes it: one prepared statement for every key.
@@ -440,7 +469,7 @@ class PostgresDialect(Dialect):
 
     async def begin(
         self, conn: AsyncConnection, key: str, deadline: float | None = None
-    ) -> int | None:
+    ) -> TransactionId | None:
         """BEGIN with the key's lock, and the transaction id, in as few messages as can be.
 
         At READ COMMITTED the lock (``pg_advisory_xact_lock``) travels in BEGIN's
@@ -452,11 +481,20 @@ class PostgresDialect(Dialect):
         outside any transaction before BEGIN goes out; :meth:`release` unlocks it
         when the transaction has ended, before the connection serves anyone else.
         A connection that dies holding it loses it with its session.
+
+        The id comes with the server that gave it (:class:`TransactionId`),
+        learnt once per connection: a connection reaches one server for its
+        whole life, and that server one timeline while it takes writes (a
+        primary never changes timeline; a promoted standby took no writes
+        before). Behind a pooler the server of a client connection can change
+        at a failover: the id is then tagged with the old server, and a COMMIT
+        cut off is never resolved by the new one's answer (UNKNOWN, the safe side).
         """
         if self.coordination != "advisory":
             return None  # BEGIN goes out with the write's first statement
         lock = _lock_id(self.namespace, key)
         adapter = _adapter(conn)
+        server = conn.info.get(_SERVER)
         snapshot = adapter is not None and self._snapshot(adapter)
         if adapter is None or getattr(adapter, "_transaction", True) is not None:
             if snapshot:
@@ -468,8 +506,11 @@ class PostgresDialect(Dialect):
                 )
             # Not the adapter this was written against, or SQLAlchemy already
             # has a transaction on it: the lock as an ordinary statement.
+            if server is None:
+                server = _server_id((await conn.exec_driver_sql(self._SERVER_SQL)).one())
+                conn.info[_SERVER] = server
             row = (await conn.execute(self._LOCK, {"lock_id": lock})).one()
-            return int(row[1])
+            return TransactionId(int(row[1]), server)
         # SQLAlchemy's bookkeeping first (the asyncpg adapter sends nothing for
         # it); then BEGIN and the lock straight to the driver: a statement
         # through SQLAlchemy costs several times the driver's own work for
@@ -479,6 +520,11 @@ class PostgresDialect(Dialect):
         statement = self._LOCK_SQL
         try:
             async with adapter._execute_mutex:
+                if server is None:
+                    statement = self._SERVER_SQL
+                    server = _server_id(await driver.fetchrow(statement))
+                    conn.info[_SERVER] = server
+                    statement = self._LOCK_SQL
                 if snapshot:
                     # Noted before it is sent: a lock granted as the write was
                     # stopped is released all the same.
@@ -495,14 +541,15 @@ class PostgresDialect(Dialect):
                 one = _OneMessageBegin.prepare(adapter, None if snapshot else lock)
                 if one is not None:
                     statement = one.query
-                    return await one.send()
+                    return TransactionId(await one.send(), server)
                 # The adapter's own start: asyncpg's Transaction object, its
                 # _top_xact and SQLAlchemy's adapter._transaction agree, so
                 # COMMIT, ROLLBACK and begin_nested() work as after a lazy BEGIN.
                 await adapter._start_transaction()
                 statement = self._TXID_SQL if snapshot else self._LOCK_SQL
                 row = await driver.fetchrow(statement, *(() if snapshot else (lock,)))
-                return int(row[-1])  # the transaction id is the last column of both
+                # The transaction id is the last column of both.
+                return TransactionId(int(row[-1]), server)
         except Exception as exc:
             raise await _wrapped(conn, adapter, exc, statement) from exc
 
@@ -586,7 +633,17 @@ class PostgresDialect(Dialect):
         driver = _driver(conn)
         return driver is not None and not driver.is_closed() and not _failed_while_idle(driver)
 
-    async def commit_outcome(self, engine: AsyncEngine, xid: int | None) -> Outcome:
+    async def commit_outcome(self, engine: AsyncEngine, xid: TransactionId | None) -> Outcome:
+        """Learn, on a fresh connection, whether transaction ``xid`` committed: asked of
+        ``txid_status``, and believed only from the server that gave the id.
+
+        After a failover the fresh connection may reach another server: the
+        promoted standby, on a new timeline, may have given the same number to
+        another transaction (see :class:`TransactionId`). Its answer would be
+        about that one, so a server other than the id's (another system
+        identifier or timeline) tells nothing: UNKNOWN, and the journal (a
+        write's idempotency key) is asked next, which answers on any server.
+        """
         if xid is None:
             return Outcome.UNKNOWN
         # The backend of the lost connection may still be finishing: poll
@@ -595,7 +652,7 @@ class PostgresDialect(Dialect):
         for _ in range(50):
             try:
                 async with engine.connect() as conn:
-                    status = (await conn.execute(self._STATUS, {"xid": xid})).scalar()
+                    row = (await conn.execute(self._STATUS, {"xid": xid.number})).one()
                     await conn.rollback()
             except Exception as exc:  # the server may be restarting: ask again
                 failures += 1
@@ -609,6 +666,17 @@ class PostgresDialect(Dialect):
                 )
                 await asyncio.sleep(0.1)
                 continue
+            status, server = row[0], _server_id(row[1:])
+            if server != xid.server:
+                log.warning(
+                    "writeturn: the outcome of xid %s is asked of another server than the one "
+                    "that gave it (system %s timeline %s, not system %s timeline %s: a "
+                    "failover?); its answer would be about another transaction",
+                    xid.number,
+                    *server,
+                    *xid.server,
+                )
+                return Outcome.UNKNOWN
             if status == "committed":
                 return Outcome.COMMITTED
             if status == "aborted":
@@ -640,6 +708,16 @@ def for_transaction_pooler(url: URL, engine_options: dict[str, Any]) -> tuple[UR
 
 def _unique_statement_name() -> str:
     return f"__writeturn_{uuid.uuid4().hex}__"
+
+
+#: The key under which a connection's ``info`` keeps its server's :data:`ServerId`.
+_SERVER = "writeturn_server"
+
+
+def _server_id(row: Any) -> ServerId:
+    """(system identifier, timeline) from a row (system_identifier, WAL file name):
+    the timeline is the first eight hex digits of a WAL file's name."""
+    return int(row[0]), int(str(row[1])[:8], 16)
 
 
 def _driver(conn: AsyncConnection) -> Any:
@@ -791,19 +869,18 @@ async def _wrapped(
         orig = translated
     dialect = conn.dialect
     lost = bool(dialect.is_disconnect(orig, adapter, None))  # type: ignore[arg-type]
-    if lost:
-        await conn.invalidate(orig)
     wrapped = DBAPIError.instance(
-        statement,
-        None,
-        orig,
-        dialect.loaded_dbapi.Error,
-        connection_invalidated=lost,
-        dialect=dialect,
+        statement, None, orig, dialect.loaded_dbapi.Error, dialect=dialect
     )
-    if isinstance(wrapped, DBAPIError):
-        return wrapped
-    return DBAPIError(statement, None, orig, connection_invalidated=lost)
+    if not isinstance(wrapped, DBAPIError):
+        wrapped = DBAPIError(statement, None, orig)
+    # As SQLAlchemy's handle_error would (see _error_kinds.install): a server that
+    # takes no writes (a standby first in the host list) is a lost connection.
+    if lost or ErrorKind.UNWRITABLE in classify(dialect.name, wrapped):
+        retire_generation(conn)
+        await conn.invalidate(orig)
+        wrapped.connection_invalidated = True
+    return wrapped
 
 
 def dialect_for(engine: AsyncEngine, coordination: Coordination, namespace: str) -> Dialect:

@@ -180,3 +180,40 @@ async def test_prepared_statements_that_clash(
         await conn.rollback()
     assert sqlstate(exc) == state
     assert kind(exc) == ErrorKind.STATEMENT_CLASH
+
+
+async def test_a_write_in_a_read_only_transaction_is_unwritable(engine: AsyncEngine) -> None:
+    # What a standby, or a primary fenced with default_transaction_read_only, answers.
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        exc = await raised(conn.exec_driver_sql("UPDATE t SET n = 1"))
+    assert sqlstate(exc) == "25006"  # read_only_sql_transaction
+    assert kind(exc) == ErrorKind.UNWRITABLE
+
+
+async def test_an_unwritable_error_invalidates_the_connection_and_its_pool(
+    engine: AsyncEngine,
+) -> None:
+    """Once installed, SQLAlchemy treats it as a disconnect: the connection is
+    discarded, and every connection the pool made before it is recycled."""
+    from writeturn._error_kinds import install
+
+    install(engine)
+    install(engine)  # once per engine, however many serializers share it
+    others = [await engine.connect() for _ in range(2)]
+    pids = {(await c.exec_driver_sql("SELECT pg_backend_pid()")).scalar() for c in others}
+    for c in others:
+        await c.close()
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        exc = await raised(conn.exec_driver_sql("UPDATE t SET n = 1"))
+        assert isinstance(exc, DBAPIError) and exc.connection_invalidated
+        assert kind(exc) == ErrorKind.LOST | ErrorKind.UNWRITABLE
+    # Every pooled connection made before was recycled: new backends only.
+    fresh = [await engine.connect() for _ in range(2)]
+    try:
+        again = {(await c.exec_driver_sql("SELECT pg_backend_pid()")).scalar() for c in fresh}
+    finally:
+        for c in fresh:
+            await c.close()
+    assert not again & pids

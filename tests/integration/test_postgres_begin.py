@@ -188,8 +188,9 @@ async def test_begin_and_the_lock_travel_in_one_message(pg_url: str) -> None:
         try:
             async with engine.connect() as conn:
                 xid = await PostgresDialect("advisory", "writeturn").begin(conn, "k")
+                assert xid is not None
                 assert conn.in_transaction()
-                assert xid == (await conn.exec_driver_sql("SELECT txid_current()")).scalar()
+                assert xid.number == (await conn.exec_driver_sql("SELECT txid_current()")).scalar()
                 assert (await conn.exec_driver_sql(HELD_BY_ME)).scalar() == 1
                 await conn.rollback()
                 assert (await conn.exec_driver_sql(HELD_BY_ME)).scalar() == 0
