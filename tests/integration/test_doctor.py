@@ -152,6 +152,7 @@ async def test_healthy_postgres(
     assert "OK    migration: at " in out
     assert "OK    migration lock: the migration lock (namespace 'writeturn'" in out
     assert "OK    advisory locks: none held in this database" in out
+    assert "OK    replication: primary, no streaming standby" in out
 
     # With the idle-in-transaction timeout set, a healthy database is all OK.
     admin = await holder()

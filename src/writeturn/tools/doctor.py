@@ -112,6 +112,15 @@ SQL_PG_IDLE_TX_TIMEOUT = text(
     " WHERE name = 'idle_in_transaction_session_timeout'), "
     "current_database()"
 )
+SQL_PG_ROLE = text(
+    "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), "
+    "current_setting('synchronous_commit')"
+)
+# Non-superusers without pg_read_all_stats see the rows, not every column: a
+# missing sync_state reads as unknown.
+SQL_PG_STANDBYS = text(
+    "SELECT coalesce(application_name, ''), coalesce(sync_state, '') FROM pg_stat_replication"
+)
 SQL_PG_HAS_TABLE = text("SELECT to_regclass(CAST(:t AS text)) IS NOT NULL")
 # An advisory lock on one bigint key shows in pg_locks as classid (high 32
 # bits), objid (low 32 bits) and objsubid 1; on two int keys, objsubid 2.
@@ -539,6 +548,85 @@ async def _check_pg_idle_tx_timeout(conn: AsyncConnection, ctx: _Context) -> lis
     return [_ok(name, shown)]
 
 
+#: synchronous_commit levels at which COMMIT waits for a synchronous standby.
+_WAITS_FOR_STANDBY = ("on", "remote_write", "remote_apply")
+
+
+async def _check_pg_replication(conn: AsyncConnection, ctx: _Context) -> list[Check]:
+    """The server's role, its standbys, and whether a COMMITTED write survives a failover."""
+    in_recovery, names, commit_level = (await conn.execute(SQL_PG_ROLE)).one()
+    if in_recovery:
+        await conn.rollback()
+        return [
+            Check(
+                "replication",
+                "FAIL",
+                "this server is a standby (in recovery): it takes no writes",
+                "point writeturn at the primary, or name every host in the URL with "
+                "target_session_attrs=read-write (postgresql://app@db1:5432,db2:5432/app"
+                "?target_session_attrs=read-write) so that connections find the primary",
+            )
+        ]
+    standbys = [(str(a), str(b)) for a, b in (await conn.execute(SQL_PG_STANDBYS)).all()]
+    await conn.rollback()
+    synchronous = [a for a, state in standbys if state in ("sync", "quorum")]
+    unknown = [a for a, state in standbys if not state]
+    waits = bool(str(names).strip()) and commit_level in _WAITS_FOR_STANDBY
+    listed = ", ".join(a or "?" for a, _ in standbys)
+    if not standbys:
+        if str(names).strip() and commit_level in _WAITS_FOR_STANDBY:
+            return [
+                Check(
+                    "replication",
+                    "FAIL",
+                    f"synchronous_standby_names = {names!r} but no standby is connected: "
+                    "every COMMIT waits until one is",
+                    "start the standby, or clear synchronous_standby_names",
+                )
+            ]
+        return [
+            _ok(
+                "replication",
+                "primary, no streaming standby: nothing to fail over to, nothing lost by one",
+            )
+        ]
+    if waits and synchronous:
+        return [
+            _ok(
+                "replication",
+                f"primary with {len(standbys)} standby(s) ({listed}), {len(synchronous)} "
+                f"synchronous, synchronous_commit = {commit_level}: a write reported "
+                "COMMITTED is on a synchronous standby too, and survives its promotion",
+            )
+        ]
+    if unknown and waits:
+        return [
+            _ok(
+                "replication",
+                f"primary with {len(standbys)} standby(s) ({listed}); synchronous_standby_names "
+                f"= {names!r}, synchronous_commit = {commit_level} (this role cannot see "
+                "which standby is synchronous: grant it pg_read_all_stats to check)",
+            )
+        ]
+    why = (
+        f"synchronous_commit = {commit_level}: COMMIT does not wait for a standby"
+        if str(names).strip()
+        else "asynchronous (synchronous_standby_names is empty)"
+    )
+    return [
+        Check(
+            "replication",
+            "WARN",
+            f"primary with {len(standbys)} standby(s) ({listed}), {why}: a write reported "
+            "COMMITTED may not have reached a standby, and is lost if that standby is "
+            "promoted (a failover)",
+            "set synchronous_standby_names (e.g. 'ANY 1 (*)') and synchronous_commit = on, "
+            "so that COMMIT returns once a standby has the write; or accept that a failover "
+            "can lose the last acknowledged writes",
+        )
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class _AdvisoryLock:
     pid: int | None
@@ -724,6 +812,7 @@ async def _check_pg_idle_sessions(conn: AsyncConnection, ctx: _Context) -> list[
 
 POSTGRES_CHECKS: tuple[tuple[str, _CheckFn], ...] = (
     ("server version", _check_pg_version),
+    ("replication", _check_pg_replication),
     ("connections", _check_pg_connections),
     ("idle_in_transaction_session_timeout", _check_pg_idle_tx_timeout),
     ("advisory locks", _check_pg_locks),
