@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.engine import URL
 
-pytest_plugins = ["writeturn.testing", "pytester"]
+# tests.integration._standby: the replicated_pair fixture (a Postgres primary and a
+# streaming standby of its own, for failover tests).
+pytest_plugins = ["writeturn.testing", "pytester", "tests.integration._standby"]
 
 
 @pytest.fixture(scope="session")
