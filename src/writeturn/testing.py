@@ -50,11 +50,11 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 import pytest_asyncio
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
 from . import migrations
 from .serializer import WriteSerializer
-from .urls import redact
+from .urls import hosts_of, normalize_url, redact
 
 __all__ = [
     "POSTGRES_DEFAULT",
@@ -80,13 +80,17 @@ Migrate = Callable[[str], object]
 
 
 def _server_url() -> URL:
-    return make_url(os.environ.get("WRITETURN_TEST_POSTGRES_URL", POSTGRES_DEFAULT))
+    # normalize_url: libpq's host list (h1:5432,h2:5432) too, as every entry point takes it.
+    return normalize_url(os.environ.get("WRITETURN_TEST_POSTGRES_URL", POSTGRES_DEFAULT))
 
 
 async def _admin(sql: str, url: URL) -> None:
+    hosts = hosts_of(url)  # several: tried in order, as the serializer's connections
+    attrs = url.query.get("target_session_attrs")
     conn = await asyncpg.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 5432,
+        host=[host or "127.0.0.1" for host, _ in hosts],
+        port=[port or 5432 for _, port in hosts],
+        **({"target_session_attrs": attrs} if isinstance(attrs, str) else {}),
         user=url.username or "postgres",
         password=url.password,
         database=url.database or "postgres",

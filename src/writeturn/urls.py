@@ -7,10 +7,12 @@ so a password never leaves the process in text.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import re
 import ssl
 from typing import Any, Literal
+from urllib.parse import parse_qsl, quote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -26,6 +28,8 @@ __all__ = [
     "backend_of",
     "describe_error",
     "engine_options",
+    "hosts_of",
+    "TARGET_SESSION_ATTRS",
 ]
 
 Backend = Literal["sqlite", "postgresql"]
@@ -41,9 +45,18 @@ _DRIVERS: dict[str, tuple[Backend, str]] = {
     "postgresql+asyncpg": ("postgresql", "postgresql+asyncpg"),
 }
 
+# Several Postgres hosts, tried in order (failover): libpq's form and SQLAlchemy's.
+HOST_LIST_FORMS = (
+    "postgresql://user:password@host1:5432,host2:5432/dbname (libpq's form) or "
+    "postgresql+asyncpg://user:password@/dbname?host=host1:5432&host=host2:5432 "
+    "(SQLAlchemy's), with e.g. target_session_attrs=read-write"
+)
+
 SUPPORTED_FORMS = (
     "sqlite+aiosqlite:///path/to/file.db (or sqlite:///...), "
-    "postgresql+asyncpg://user:password@host:5432/dbname (or postgresql://...)"
+    "postgresql+asyncpg://user:password@host:5432/dbname (or postgresql://...); "
+    "several hosts: postgresql://user:password@host1:5432,host2:5432/dbname "
+    "(or ...@/dbname?host=host1:5432&host=host2:5432)"
 )
 
 
@@ -79,12 +92,129 @@ def _named(url: str | URL) -> str:
     return shown(redact(url), 200)
 
 
+def _host_list_error(url: str | URL, problem: str) -> UnsupportedDatabase:
+    return UnsupportedDatabase(
+        f"the host list (host) of the database URL {_named(url)} {problem}; "
+        f"give several hosts as {HOST_LIST_FORMS}"
+    )
+
+
+def _port(url: str | URL, port: str, host: str) -> int:
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise _host_list_error(url, f"gives host {shown(host)} the port {shown(port)}, "
+                               "which is not a port number (1 to 65535)")  # fmt: skip
+    return int(port)
+
+
+# scheme://[user[:password]@]hosts[/dbname][?query], userinfo as SQLAlchemy's parser reads it.
+_LIBPQ_URL = re.compile(
+    r"(?P<scheme>[\w+]+)://(?P<userinfo>[^:/]*(?::[^@]*)?@)?(?P<hosts>[^/?#]*)(?P<rest>.*)",
+    re.S,
+)
+_LIBPQ_HOST = re.compile(
+    r"\[(?P<ipv6>[^\]]*)\](?::(?P<port>.*))?|(?P<host>[^:]*)(?::(?P<port2>.*))?"
+)
+
+
+def _from_libpq_host_list(text: str) -> str:
+    """libpq's ``user@h1:p1,h2:p2/db`` as SQLAlchemy's ``user@/db?host=h1:p1&host=h2:p2``
+    (a host without a port gets libpq's 5432). Anything else comes back as it is."""
+    m = _LIBPQ_URL.fullmatch(text)
+    if m is None or m["scheme"] not in _DRIVERS or "," not in m["hosts"]:
+        return text
+    if _DRIVERS[m["scheme"]][0] != "postgresql":
+        return text
+    path, _, query = m["rest"].partition("?")
+    given = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
+    if mixed := sorted(given & {"host", "port"}):
+        where = " and ".join(f"{name}=" for name in mixed)
+        raise _host_list_error(text, f"names hosts both before the database name and in {where}")
+    hosts: list[tuple[str, int]] = []
+    for entry in m["hosts"].split(","):
+        part = _LIBPQ_HOST.fullmatch(entry)
+        assert part is not None  # every text matches the second branch at least
+        host = part["ipv6"] if part["ipv6"] is not None else part["host"]
+        port = part["port"] if part["ipv6"] is not None else part["port2"]
+        if host.startswith("[") or (part["ipv6"] is not None and ":" not in host):
+            raise _host_list_error(text, f"has the host {shown(entry)}, which is not a host")
+        if not host:
+            raise _host_list_error(text, f"has an empty host ({shown(entry)})")
+        hosts.append((host, 5432 if port is None else _port(text, port, host)))
+    if any(":" in host for host, _ in hosts):
+        # SQLAlchemy splits host=h:p at its first colon: IPv6 addresses go in host=h1,h2
+        # with their ports in port=p1,p2.
+        params = "host={}&port={}".format(
+            quote(",".join(h for h, _ in hosts), safe=":,"), ",".join(str(p) for _, p in hosts)
+        )
+    else:
+        params = "&".join(f"host={quote(h, safe='')}:{p}" for h, p in hosts)
+    return f"{m['scheme']}://{m['userinfo'] or ''}{path}?{params}{'&' + query if query else ''}"
+
+
+def hosts_of(url: URL) -> list[tuple[str | None, int | None]]:
+    """The hosts of a Postgres URL, with their ports, in the order they are tried.
+
+    One entry for a single host (``None`` where the URL names none); several for a
+    host list given as ``?host=h1:p1&host=h2:p2`` or ``?host=h1,h2&port=p1,p2``,
+    which is checked as SQLAlchemy's asyncpg dialect would read it: a malformed
+    list raises :class:`UnsupportedDatabase`.
+    """
+    host = url.query.get("host")
+    port = url.query.get("port")
+    if isinstance(host, tuple):  # host=h1:p1&host=h2:p2
+        if port is not None:
+            raise _host_list_error(url, "gives ports both in host=h:p and in port=; use one form")
+        tokens = [token.split(":", 1) if ":" in token else [token, None] for token in host]
+    elif isinstance(host, str) and ("," in host or "," in str(port) or isinstance(port, tuple)):
+        names = host.split(",")
+        ports = port.split(",") if isinstance(port, str) else list(port or ())
+        if len(ports) != len(names):
+            raise _host_list_error(url, f"has {len(names)} hosts and {len(ports)} ports in "
+                                   "host= and port=; give one port per host")  # fmt: skip
+        tokens = [[name, p] for name, p in zip(names, ports, strict=True)]
+        for name, _ in tokens:
+            if name and ":" in name and not _is_ipv6(name):
+                raise _host_list_error(url, f"has the host {shown(name)} in host=h1,h2, where "
+                                       "ports go in port=p1,p2")  # fmt: skip
+    else:  # one host: the URL's, or host=h (host=h:p, or with port=p)
+        if not isinstance(host, str):
+            return [(url.host, url.port)]
+        name, _, number = host.rpartition(":") if port is None else (host, "", str(port))
+        if not (name and number.isascii() and number.isdigit()):
+            return [(host, None)]
+        return [(name, int(number))]
+    found: list[tuple[str | None, int | None]] = []
+    for name, p in tokens:
+        if not name:
+            raise _host_list_error(url, "has an empty host")
+        if p is None:
+            raise _host_list_error(url, f"gives host {shown(name)} no port; with several "
+                                   "hosts each needs its port, e.g. host=host1:5432")  # fmt: skip
+        found.append((name, _port(url, p, name)))
+    return found
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(name), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _parse(url: str | URL) -> URL:
+    """``url`` as a SQLAlchemy URL, a libpq host list turned into SQLAlchemy's form."""
+    return url if isinstance(url, URL) else make_url(_from_libpq_host_list(url))
+
+
 def normalize_url(url: str | URL) -> URL:
     """Parse ``url`` and map it onto the async driver writeturn uses.
 
     ``sqlite://`` becomes ``sqlite+aiosqlite://`` and ``postgresql://``
     becomes ``postgresql+asyncpg://``; any other database or driver raises
-    :class:`UnsupportedDatabase` naming the supported forms.
+    :class:`UnsupportedDatabase` naming the supported forms. Several Postgres
+    hosts in libpq's form (``user@h1:5432,h2:5432/db``, a host without a port on
+    5432) become SQLAlchemy's (``user@/db?host=h1:5432&host=h2:5432``), which is
+    taken as it is; a malformed host list is refused here, not at the first connect.
     """
     if not isinstance(url, URL | str):
         raise UnsupportedDatabase(
@@ -92,7 +222,9 @@ def normalize_url(url: str | URL) -> URL:
             f"use one of: {SUPPORTED_FORMS}"
         )
     try:
-        parsed = url if isinstance(url, URL) else make_url(url)
+        parsed = _parse(url)
+    except UnsupportedDatabase:
+        raise
     except (ArgumentError, ValueError):
         # `from None`: the parser's own message may quote the URL, password included.
         raise UnsupportedDatabase(
@@ -111,6 +243,8 @@ def normalize_url(url: str | URL) -> URL:
             f"SQLite URL {_named(parsed)} names no file; writeturn needs a database file "
             "that every connection shares, e.g. sqlite+aiosqlite:///./app.db"
         )
+    if backend == "postgresql":
+        hosts_of(parsed)  # a malformed host list is refused here, not at the first connect
     return parsed.set(drivername=drivername)
 
 
@@ -126,7 +260,9 @@ def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
     password = None
     if url:
         with contextlib.suppress(Exception):  # an unparseable URL has no password to mask
-            password = (url if isinstance(url, URL) else make_url(url)).password
+            password = _parse(url).password
+    if not password and isinstance(url, str) and (found := _USERINFO.search(url)):
+        password = found["secret"]  # a malformed URL's password, as typed
     if isinstance(password, str) and password:
         text = text.replace(password, "***")
     return text
@@ -173,12 +309,15 @@ _PASSED_ON = (
     "prepared_statement_cache_size",
 )  # fmt: skip
 _SSL_NEGOTIATIONS = ("postgres", "direct")
+#: What asyncpg (``asyncpg.connect_utils.SessionAttribute``) and libpq take as
+#: ``target_session_attrs``: which of several hosts to stay connected to.
+TARGET_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 
 
 def _where(url: URL) -> str:
-    """The URL without its query, for a message about one query parameter: another
-    parameter's value may be a secret that redact() does not know by name."""
-    return redact(url.set(query={}))
+    """The URL without its query but its hosts, for a message about one query parameter:
+    another parameter's value may be a secret that redact() does not know by name."""
+    return redact(url.set(query={k: v for k, v in url.query.items() if k in ("host", "port")}))
 
 
 def _one(url: URL, name: str) -> str | None:
@@ -258,6 +397,13 @@ def engine_options(url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, An
                 f"accepted: {', '.join(_MAPPED + _PASSED_ON)}. Drop it, or pass other "
                 "asyncpg arguments through connect_args={...} (see asyncpg.connect)"
             )
+    attrs = _one(url, "target_session_attrs")
+    if attrs is not None and attrs not in TARGET_SESSION_ATTRS:
+        raise UnsupportedDatabase(
+            f"target_session_attrs={shown(attrs)} in {_where(url)!r} is not a session "
+            f"attribute asyncpg takes; use one of {', '.join(TARGET_SESSION_ATTRS)} (e.g. "
+            "read-write: connect to the first host that accepts writes)"
+        )
     dbname = _one(url, "dbname")
     if dbname:
         if url.database and url.database != dbname:

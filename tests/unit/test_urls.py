@@ -405,3 +405,188 @@ def test_an_error_is_told_in_one_line_with_the_password_masked(
     exc: BaseException, url: str | URL | None, expected: str
 ) -> None:
     assert describe_error(exc, url) == expected
+
+
+# -- several Postgres hosts in one URL (failover) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "hosts"),
+    [
+        (
+            f"postgresql://app:{SECRET}@db1:5432,db2:5433/app?target_session_attrs=read-write",
+            ("db1:5432", "db2:5433"),
+        ),
+        (f"postgresql+asyncpg://app:{SECRET}@db1,db2:6432/app", ("db1:5432", "db2:6432")),
+        (f"postgres://app:{SECRET}@10.0.0.1:5432,10.0.0.2:5432,db3/app", None),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1:5432&host=db2:5432", None),
+    ],
+)
+def test_several_hosts_become_sqlalchemys_host_list(given: str, hosts: tuple[str, ...]) -> None:
+    url = normalize_url(given)
+    assert url.drivername == "postgresql+asyncpg"
+    assert (url.username, url.password, url.database) == ("app", SECRET, "app")
+    assert url.host is None and url.port is None
+    if hosts is not None:
+        assert url.query["host"] == hosts
+    assert isinstance(url.query["host"], tuple) and len(url.query["host"]) >= 2
+    # The dialect reads that list as asyncpg's host and port lists.
+    from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+
+    _, opts = PGDialect_asyncpg().create_connect_args(url)
+    assert len(opts["host"]) == len(opts["port"]) == len(url.query["host"])
+    assert all(isinstance(port, int) for port in opts["port"])
+
+
+def test_the_other_parameters_of_a_multi_host_url_stay() -> None:
+    url = normalize_url(
+        f"postgresql://app:{SECRET}@db1:5432,db2:5432/app?target_session_attrs=read-write"
+        "&sslmode=require"
+    )
+    assert dict(url.query) == {
+        "host": ("db1:5432", "db2:5432"),
+        "target_session_attrs": "read-write",
+        "sslmode": "require",
+    }
+    url, _ = _options(
+        f"postgresql://app:{SECRET}@db1:5432,db2:5432/app?target_session_attrs=read-only"
+    )
+    assert dict(url.query) == {
+        "host": ("db1:5432", "db2:5432"),
+        "target_session_attrs": "read-only",
+    }
+
+
+def test_ipv6_hosts_in_brackets() -> None:
+    url = normalize_url(f"postgresql://app:{SECRET}@[::1]:5433,127.0.0.1/app")
+    from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+
+    _, opts = PGDialect_asyncpg().create_connect_args(url)
+    assert opts["host"] == ["::1", "127.0.0.1"] and opts["port"] == [5433, 5432]
+    assert url.password == SECRET and url.database == "app"
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "postgresql://app:s3cret@db.example:5432/prod",
+        "postgresql://app:s3cret@db.example/prod",
+        "postgresql://app:s3cret@[::1]:5433/prod",
+        "postgresql+asyncpg://app@/prod?host=/var/run/postgresql",
+        "postgresql+asyncpg://app@/prod?host=db1&port=5432",
+    ],
+)
+def test_a_single_host_is_parsed_as_before(given: str) -> None:
+    assert normalize_url(given) == make_url(given).set(drivername="postgresql+asyncpg")
+
+
+@pytest.mark.parametrize(
+    ("given", "names"),
+    [
+        (f"postgresql://app:{SECRET}@db1:5432,,db2/app", ["empty host"]),
+        (f"postgresql://app:{SECRET}@db1:5432,/app", ["empty host"]),
+        (f"postgresql://app:{SECRET}@db1:5432,:5433/app", ["empty host"]),
+        (f"postgresql://app:{SECRET}@db1:abc,db2/app", ["'abc'", "port"]),
+        (f"postgresql://app:{SECRET}@db1:5432,db2:70000/app", ["'70000'", "port"]),
+        (f"postgresql://app:{SECRET}@db1:0,db2/app", ["'0'", "port"]),
+        (f"postgresql://app:{SECRET}@db1:5432,db2:5432/app?host=db3:5432", ["both"]),
+        (f"postgresql://app:{SECRET}@db1:5432,db2:5432/app?port=5432", ["both"]),
+        (f"postgresql://app:{SECRET}@[::1:5432,db2/app", ["'[::1:5432'"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1:5432&host=:5433", ["empty"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1:5432&host=db2:x", ["'x'", "port"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1:5432&host=db2:0", ["'0'", "port"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1:5432&host=db2", ["db2", "port"]),
+        (
+            f"postgresql+asyncpg://app:{SECRET}@/app?host=db1:5432&host=db2:5432&port=5432",
+            ["port", "both"],
+        ),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1,db2&port=5432", ["2 hosts", "1 port"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1,db2&port=5432,x", ["'x'", "port"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1,,db2&port=1,2,3", ["empty"]),
+        (f"postgresql+asyncpg://app:{SECRET}@/app?host=db1,db2", ["port"]),
+    ],
+)
+def test_a_malformed_host_list_is_refused_at_once(given: str, names: list[str]) -> None:
+    with pytest.raises(UnsupportedDatabase) as caught:
+        normalize_url(given)
+    err = caught.value
+    message = str(err)
+    assert "host" in message
+    for name in names:
+        assert name in message, message
+    # The accepted forms, both of them.
+    assert "host1:5432,host2:5432" in message and "?host=host1:5432&host=host2:5432" in message
+    assert SECRET not in message and SECRET not in repr(err), message
+    assert err.__cause__ is None
+    assert err.__suppress_context__ or err.__context__ is None
+
+
+@pytest.mark.parametrize(
+    "value", ["any", "primary", "standby", "prefer-standby", "read-write", "read-only"]
+)
+def test_target_session_attrs_asyncpg_takes_pass(value: str) -> None:
+    url, _ = _options(f"postgresql://app:{SECRET}@db1,db2/app?target_session_attrs={value}")
+    assert url.query["target_session_attrs"] == value
+
+
+def test_the_accepted_target_session_attrs_are_asyncpgs() -> None:
+    from asyncpg.connect_utils import SessionAttribute  # type: ignore[import-untyped]
+
+    from writeturn.urls import TARGET_SESSION_ATTRS
+
+    assert set(TARGET_SESSION_ATTRS) == {attr.value for attr in SessionAttribute}
+
+
+@pytest.mark.parametrize("value", ["master", "readwrite", "READ-WRITE", "read_write"])
+def test_an_unknown_target_session_attrs_is_refused_at_once(value: str) -> None:
+    given = f"postgresql://app:{SECRET}@db1:5432,db2:5432/app?target_session_attrs={value}"
+    with pytest.raises(UnsupportedDatabase) as caught:
+        _options(given)
+    message = str(caught.value)
+    assert f"target_session_attrs={value!r}" in message, message
+    assert "read-write" in message and "prefer-standby" in message
+    assert "db1" in message  # which URL, hosts included
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        f"postgresql://app:{SECRET}@db1:5432,db2:5432/app",
+        f"postgresql+asyncpg://app:{SECRET}@db1,db2/app?target_session_attrs=read-write",
+        f"postgresql://app:{SECRET}@db1:5432,,db2/app",
+        f"postgresql://app:{SECRET}@[::1]:5433,db2/app",
+    ],
+)
+def test_redact_masks_the_password_of_a_multi_host_url(given: str) -> None:
+    out = redact(given)
+    assert SECRET not in out and "app:***@" in out, out
+    assert "db2" in out  # the hosts still show
+
+
+def test_redact_of_a_normalized_multi_host_url() -> None:
+    url = normalize_url(f"postgresql://app:{SECRET}@db1:5432,db2:5432/app")
+    out = redact(url)
+    assert SECRET not in out and "app:***@" in out and "db1" in out and "db2" in out, out
+
+
+def test_a_multi_host_error_is_told_with_the_password_masked() -> None:
+    given = f"postgresql://app:{SECRET}@db1:5432,db2:5432/app"
+    assert describe_error(OSError(f"bad {SECRET}"), given) == "OSError: bad ***"
+    assert describe_error(OSError(f"bad {SECRET}"), normalize_url(given)) == "OSError: bad ***"
+    malformed = f"postgresql://app:{SECRET}@db1:5432,,db2/app"
+    assert describe_error(OSError(f"bad {SECRET}"), malformed) == "OSError: bad ***"
+
+
+def test_a_message_about_a_parameter_names_the_hosts() -> None:
+    with pytest.raises(UnsupportedDatabase) as caught:
+        _options(f"postgresql://app:{SECRET}@db1:5432,db2:5432/app?sslnegotiation=sometimes")
+    message = str(caught.value)
+    assert "db1" in message and "db2" in message, message
+    assert SECRET not in message
+
+
+def test_the_supported_forms_name_several_hosts() -> None:
+    with pytest.raises(UnsupportedDatabase) as caught:
+        normalize_url(f"mysql://app:{SECRET}@db/app")
+    assert "host1:5432,host2:5432" in str(caught.value)
