@@ -83,7 +83,11 @@ def retry_delay(
 
 def _worth_retrying(dialect: str, error: BaseException) -> bool:
     """A write that rolled back with ``error`` may succeed if run again: its connection
-    died, or the database gave up on it for now (serialization failure, deadlock, busy)."""
+    died, the database gave up on it for now (serialization failure, deadlock, busy),
+    or BEGIN found its connection dead and no fresh one could be had (a server
+    shutting down at a failover: DatabaseUnreachable)."""
+    if isinstance(error, DatabaseUnreachable):
+        return True
     return bool(classify(dialect, _root(error)) & (ErrorKind.LOST | ErrorKind.TRANSIENT))
 
 

@@ -661,7 +661,7 @@ class PostgresDialect(Dialect):
                     logging.WARNING if failures == 1 else logging.DEBUG,
                     "writeturn: could not learn the outcome of xid %s (%s); asking again "
                     "for a few seconds",
-                    xid,
+                    xid.number,
                     exc,
                 )
                 await asyncio.sleep(0.1)
