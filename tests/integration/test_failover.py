@@ -39,6 +39,7 @@ from writeturn import (
     WriteturnError,
     migrations,
 )
+from writeturn.tools.doctor import diagnose
 
 from ._proxy import CuttingProxy
 from ._standby import ReplicatedPair
@@ -421,3 +422,28 @@ async def test_a_standby_listed_first_is_a_lost_connection_that_names_the_fix(
             await handle
         assert handle.outcome is Outcome.ROLLED_BACK
     assert await rows(pair.primary.url()) == []
+
+
+# -- 4. doctor: the server's role, its standbys, what a failover can lose -----------------
+
+
+async def test_doctor_reports_the_role_and_what_a_failover_can_lose(
+    replicated_pair: MakePair,
+) -> None:
+    asynchronous = replicated_pair(synchronous=False)
+    synchronous = replicated_pair(synchronous=True, synchronous_commit="on")
+
+    def replication(checks: list[Any]) -> Any:
+        (check,) = [c for c in checks if c.name == "replication"]
+        return check
+
+    on_standby = replication(await diagnose(asynchronous.standby.url()))
+    assert on_standby.status == "FAIL" and "standby" in on_standby.detail
+    assert "target_session_attrs=read-write" in (on_standby.fix or "")
+    lossy = replication(await diagnose(asynchronous.primary.url()))
+    assert lossy.status == "WARN" and "asynchronous" in lossy.detail
+    assert "lost" in lossy.detail and "synchronous_standby_names" in (lossy.fix or "")
+    safe = replication(await diagnose(synchronous.primary.url()))
+    assert safe.status == "OK" and "1 synchronous" in safe.detail, safe
+    # Through the multi-host URL: the primary, wherever it is.
+    assert replication(await diagnose(synchronous.libpq_url())).status == "OK"
