@@ -167,10 +167,14 @@ async def test_a_cut_off_commit_is_not_resolved_by_another_transaction_with_its_
 # -- 2. the old primary fenced read-only while the service writes -------------------------
 
 
+@pytest.mark.parametrize("fence_by", ["reload", "restart"])
 @pytest.mark.parametrize("form", ["libpq", "host-query"])
 async def test_writes_move_to_the_new_primary_when_the_old_one_is_fenced_read_only(
-    replicated_pair: MakePair, form: str
+    replicated_pair: MakePair, form: str, fence_by: str
 ) -> None:
+    """The old primary is switched read-only while the service writes, by a reload
+    (its sessions stay open, and refuse writes) or a restart (its sessions end, and
+    new ones are read-only); 0.2 s later the standby is promoted."""
     pair = replicated_pair(synchronous=True)
     old, new = pair.primary, pair.standby
     await setup_schema(old.url())
@@ -210,7 +214,8 @@ async def test_writes_move_to_the_new_primary_when_the_old_one_is_fenced_read_on
 
         async def fence() -> None:
             await asyncio.sleep(0.4)
-            await asyncio.to_thread(old.make_read_only)
+            fenced = old.make_read_only if fence_by == "reload" else old.restart_read_only
+            await asyncio.to_thread(fenced)
             fenced_at.append(time.monotonic())
             await asyncio.sleep(0.2)  # writes meet the read-only server
             await asyncio.to_thread(pair.switch_over, "read_only")
@@ -227,7 +232,7 @@ async def test_writes_move_to_the_new_primary_when_the_old_one_is_fenced_read_on
     assert on_old <= set(on_new)
     assert first_after, "no write committed after the fence"
     print(
-        f"\n[{form}] fence to first commit on the new primary: "
+        f"\n[{form}, {fence_by}] fence to first commit on the new primary: "
         f"{first_after[0] - fenced_at[0]:.2f}s, {len(committed)} committed, "
         f"{len(failed)} failed"
     )
