@@ -520,11 +520,6 @@ class PostgresDialect(Dialect):
         statement = self._LOCK_SQL
         try:
             async with adapter._execute_mutex:
-                if server is None:
-                    statement = self._SERVER_SQL
-                    server = _server_id(await driver.fetchrow(statement))
-                    conn.info[_SERVER] = server
-                    statement = self._LOCK_SQL
                 if snapshot:
                     # Noted before it is sent: a lock granted as the write was
                     # stopped is released all the same.
@@ -538,10 +533,19 @@ class PostgresDialect(Dialect):
                         # that future unseen: closed now, the BEGIN below is refused
                         # before anything is made or sent.
                         driver.terminate()
-                one = _OneMessageBegin.prepare(adapter, None if snapshot else lock)
+                one = _OneMessageBegin.prepare(
+                    adapter, None if snapshot else lock, ask_server=server is None
+                )
                 if one is not None:
                     statement = one.query
-                    return TransactionId(await one.send(), server)
+                    number, told = await one.send()
+                    if told is not None:
+                        server = conn.info[_SERVER] = told
+                    assert server is not None
+                    return TransactionId(number, server)
+                if server is None:
+                    statement = self._SERVER_SQL
+                    server = conn.info[_SERVER] = _server_id(await driver.fetchrow(statement))
                 # The adapter's own start: asyncpg's Transaction object, its
                 # _top_xact and SQLAlchemy's adapter._transaction agree, so
                 # COMMIT, ROLLBACK and begin_nested() work as after a lazy BEGIN.
@@ -710,6 +714,12 @@ def _unique_statement_name() -> str:
     return f"__writeturn_{uuid.uuid4().hex}__"
 
 
+#: The transaction id and the server that gives it, in one row (see _server_id).
+_SERVER_COLUMNS = (
+    "SELECT txid_current(), system_identifier, pg_walfile_name(pg_current_wal_lsn()) "
+    "FROM pg_control_system()"
+)
+
 #: The key under which a connection's ``info`` keeps its server's :data:`ServerId`.
 _SERVER = "writeturn_server"
 
@@ -793,9 +803,13 @@ class _OneMessageBegin:
         self.chunks: list[bytes] = []
 
     @classmethod
-    def prepare(cls, adapter: Any, lock: int | None) -> _OneMessageBegin | None:
+    def prepare(
+        cls, adapter: Any, lock: int | None, *, ask_server: bool = False
+    ) -> _OneMessageBegin | None:
         """The message for ``adapter``'s connection, with the lock on ``lock`` unless None
-        (a session lock was taken before: see ``PostgresDialect.begin``)."""
+        (a session lock was taken before: see ``PostgresDialect.begin``), and, with
+        ``ask_server``, the server's system identifier and timeline beside the id (a
+        connection's first BEGIN: see :class:`TransactionId`)."""
         driver = adapter.driver_connection
         isolation = getattr(adapter, "isolation_level", "?")
         if (
@@ -813,13 +827,15 @@ class _OneMessageBegin:
         if deferrable:
             begin += " DEFERRABLE"
         locking = "" if lock is None else f" SELECT pg_advisory_xact_lock({int(lock)});"
-        query = f"{begin};{locking} COPY (SELECT txid_current()) TO STDOUT"
+        row = _SERVER_COLUMNS if ask_server else "SELECT txid_current()"
+        query = f"{begin};{locking} COPY ({row}) TO STDOUT"
         transaction = driver.transaction(
             isolation=isolation, readonly=readonly, deferrable=deferrable
         )
         return cls(adapter, driver, transaction, query)
 
-    async def send(self) -> int:
+    async def send(self) -> tuple[int, ServerId | None]:
+        """BEGIN; the transaction id, and the server if it was asked for."""
         adapter, driver, transaction = self.adapter, self.driver, self.transaction
         transaction._state = _TransactionState.STARTED
         driver._top_xact = transaction
@@ -842,7 +858,9 @@ class _OneMessageBegin:
             if driver.is_closed() or not driver.is_in_transaction():
                 self._forget()
             raise
-        return int(b"".join(self.chunks))
+        # COPY's text format: the columns separated by tabs, the row ended by a newline.
+        number, *server = b"".join(self.chunks).decode().split("\t")
+        return int(number), (_server_id(server) if server else None)
 
     async def _sink(self, data: bytes) -> None:
         self.chunks.append(bytes(data))

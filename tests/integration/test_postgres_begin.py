@@ -6,10 +6,11 @@ the connection by the next write."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 
@@ -36,7 +37,9 @@ def begin_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """Both ways BEGIN goes: in one message with the lock, and, where asyncpg's
     internals are not as expected, the adapter's own BEGIN then the lock."""
     if request.param != "one message":
-        monkeypatch.setattr(dialects._OneMessageBegin, "prepare", classmethod(lambda *a: None))
+        monkeypatch.setattr(
+            dialects._OneMessageBegin, "prepare", classmethod(lambda *a, **kw: None)
+        )
     return str(request.param)
 
 
@@ -148,6 +151,41 @@ async def test_a_connection_found_dead_at_begin_is_invalidated(
     finally:
         await killer.close()
         await engine.dispose()
+
+
+async def test_a_fresh_connections_first_begin_is_one_message_too(pg_url: str) -> None:
+    """The first advisory BEGIN on a connection also learns which server it reaches
+    (the system identifier and timeline its transaction ids belong to), in the same
+    message: no round trip more, and no moment between two messages where the
+    server could end the session unseen."""
+    sent: list[bytes] = []
+    async with asyncio.timeout(60):
+        async with WriteSerializer.from_url(pg_url, coordination="advisory") as ser:
+            await create_tables(ser.engine)
+
+            @event.listens_for(ser.engine.sync_engine, "connect")
+            def count_writes(dbapi_connection: Any, _record: Any) -> None:
+                transport = dbapi_connection.driver_connection._transport
+                write = transport.write
+
+                def counted(data: bytes) -> None:
+                    sent.append(bytes(data))
+                    write(data)
+
+                transport.write = counted
+
+            # Every connection the pool holds was made before the listener: a fresh one.
+            await ser.engine.dispose()
+            await ser.run(record, "k", "w", 1, key="k")
+            # The first message is BEGIN with the lock, the id and the server; nothing
+            # else asks for the server. (The INSERT is prepared on a fresh connection:
+            # one message more than on a warm one, BEGIN's count unchanged.)
+            assert sent[0].startswith(b"Q") and b"BEGIN" in sent[0], sent
+            assert [b"pg_control_system" in m for m in sent].count(True) == 1, sent
+            assert b"pg_control_system" in sent[0]
+            sent.clear()
+            await ser.run(record, "k", "w", 2, key="k")
+            assert len(sent) == 3 and b"pg_control_system" not in sent[0], sent
 
 
 async def test_begin_and_the_lock_travel_in_one_message(pg_url: str) -> None:
