@@ -39,6 +39,7 @@ from .errors import (
     QueueFull,
     ReentrantWriteError,
     SerializerClosed,
+    UnsupportedDatabase,
     shown,
 )
 from .handle import WriteHandle
@@ -731,12 +732,18 @@ def _create_engine(url: URL, options: dict[str, Any]) -> AsyncEngine:
     """``create_async_engine(url, **options)``, with a bad option named in a ConfigurationError.
 
     SQLAlchemy refuses a bad option with whatever its code happens to raise
-    (TypeError, KeyError, ValueError, ...), often without naming it.
+    (TypeError, KeyError, ValueError, ...), often without naming it. A URL refused
+    even without options (a query parameter of a wrong type) is named instead.
     """
     try:
         return create_async_engine(url, **options)
     except Exception as exc:
         error = exc
+    if not _engine_accepts(url, {}):
+        raise UnsupportedDatabase(
+            f"SQLAlchemy refused the database URL {redact(url)!r} "
+            f"({describe_error(error, url)}); check its port and query parameters"
+        ) from None
     culprits = [name for name in options if not _engine_accepts(url, {name: options[name]})]
     if not culprits:  # each is fine alone: name those the error names, else all of them
         culprits = [name for name in options if repr(name) in str(error)] or list(options)
