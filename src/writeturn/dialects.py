@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ._connections import retire_generation
 from ._error_kinds import ErrorKind, classify
 from ._options import Coordination, check_busy_timeout
-from ._sqlite_connect import join_failed_connects
 from ._sqlite_queue import TicketQueue, wait_turn
 from .errors import ConfigurationError, UnsupportedDatabase, shown
 from .outcome import Outcome
@@ -931,7 +930,6 @@ def configure_sqlite_engine(engine: AsyncEngine, *, synchronous: str, busy_timeo
         )
     seconds = check_busy_timeout(busy_timeout)
     timeout_ms = int(seconds * 1000)
-    join_failed_connects(engine)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -570,9 +570,7 @@ UrlOrEngine = str | URL | AsyncEngine
 
 def _create_engine(url: str | URL) -> AsyncEngine:
     """Create the NullPool engine env.py and the programmatic API use for one run."""
-    return unpooled_engine(
-        normalize_url(url), {"server_settings": {"application_name": _APPLICATION_NAME}}
-    )
+    return unpooled_engine(url, {"server_settings": {"application_name": _APPLICATION_NAME}})
 
 
 @contextlib.asynccontextmanager

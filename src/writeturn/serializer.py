@@ -12,10 +12,11 @@ from types import TracebackType
 from typing import Any, TypeVar, TypeVarTuple, Unpack, overload
 
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import journal, urls
+from . import journal
 from ._batch import BatchRun
+from ._engines import SqlitePragmas, create_engine
 from ._lifecycle import Phase
 from ._options import (
     Coordination,
@@ -31,7 +32,7 @@ from ._runtime import Runtime, holds_turn
 from ._session import WriteSession
 from ._worker import SingleRun, TransactionContext
 from ._write import Stop, WriteRecord
-from .dialects import PoolerMisconfigured, configure_sqlite_engine, for_transaction_pooler
+from .dialects import PoolerMisconfigured
 from .errors import (
     ConfigurationError,
     DatabaseUnreachable,
@@ -179,20 +180,14 @@ class WriteSerializer:
                 f"{redact(parsed)} is {backend}; drop the option"
             )
         busy = check_busy_timeout(sqlite_busy_timeout)
-        parsed, engine_options = urls.engine_options(parsed, engine_options)
-        if pgbouncer:
-            if backend != "postgresql":
-                raise ConfigurationError(
-                    f"pgbouncer=True applies to Postgres URLs, and {redact(parsed)} is "
-                    f"{backend}; drop the option"
-                )
-            parsed, engine_options = for_transaction_pooler(parsed, engine_options)
-        engine = _create_engine(parsed, engine_options)
+        pragmas = SqlitePragmas(sqlite_synchronous or "NORMAL", busy)
+        engine = create_engine(
+            parsed,
+            engine_options,
+            pgbouncer=pgbouncer,
+            sqlite_pragmas=pragmas if backend == "sqlite" else None,
+        )
         try:
-            if backend == "sqlite":
-                configure_sqlite_engine(
-                    engine, synchronous=sqlite_synchronous or "NORMAL", busy_timeout=busy
-                )
             ser = cls(
                 engine,
                 coordination=coordination,
@@ -725,60 +720,3 @@ def _check_write_function(fn: object) -> None:
         f"the write function {shown(name)} is {what}, not an `async def`; nothing was "
         "queued. Define it as `async def fn(session, ...)` and await the session's calls in it"
     )
-
-
-def _create_engine(url: URL, options: dict[str, Any]) -> AsyncEngine:
-    """``create_async_engine(url, **options)``, with a bad option named in a ConfigurationError.
-
-    SQLAlchemy refuses a bad option with whatever its code happens to raise
-    (TypeError, KeyError, ValueError, ...), often without naming it.
-    """
-    try:
-        return create_async_engine(url, **options)
-    except Exception as exc:
-        error = exc
-    culprits = [name for name in options if not _engine_accepts(url, {name: options[name]})]
-    if not culprits:  # each is fine alone: name those the error names, else all of them
-        culprits = [name for name in options if repr(name) in str(error)] or list(options)
-    named = ", ".join(_option(name, options[name]) for name in culprits)
-    message = (
-        f"create_async_engine() refused the engine option{'s' if len(culprits) > 1 else ''} "
-        f"{named} ({describe_error(error, url)}); check the option's name and type against "
-        "SQLAlchemy's create_engine() documentation (e.g. pool_size=10, "
-        "connect_args={'timeout': 2}), or drop it"
-    )
-    for secret in _secrets(options):  # a password passed beside the bad option
-        message = message.replace(secret, "***")
-    raise ConfigurationError(message) from None
-
-
-def _engine_accepts(url: URL, options: dict[str, Any]) -> bool:
-    try:
-        engine = create_async_engine(url, **options)
-    except Exception:
-        return False
-    engine.sync_engine.dispose()  # no connection was made: this only drops the empty pool
-    return True
-
-
-_SECRET_NAMES = ("password", "passwd", "secret", "token", "pwd")
-
-
-def _option(name: str, value: object) -> str:
-    """``name=value`` for a message; a value that may hold a secret shows only its type."""
-    if isinstance(value, bool | int | float | str | None) and not any(
-        part in name.lower() for part in _SECRET_NAMES
-    ):
-        return f"{name}={shown(value)}"
-    return f"{name} (a {type(value).__name__})"
-
-
-def _secrets(options: dict[str, Any]) -> list[str]:
-    """String values under secret-looking names, at any depth of ``options`` (e.g. connect_args)."""
-    found: list[str] = []
-    for name, value in options.items():
-        if isinstance(value, dict):
-            found += _secrets({str(k): v for k, v in value.items()})
-        elif isinstance(value, str) and value and any(p in name.lower() for p in _SECRET_NAMES):
-            found.append(value)
-    return found

@@ -23,6 +23,7 @@ from writeturn import (
     IdempotencyKeyReused,
     Outcome,
     ReentrantWriteError,
+    UnsupportedDatabase,
     WriteSerializer,
     migrations,
 )
@@ -174,6 +175,27 @@ def test_a_password_in_connect_args_is_masked(tmp_path: Path) -> None:
             execution_options=f"password={SECRET}",
         )
     assert "execution_options=" in str(info.value) and SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (f"postgresql://app:{SECRET}@127.0.0.1:1/db?prepared_statement_cache_size=x", "'x'"),
+        (f"postgresql://app:{SECRET}@127.0.0.1/db?port=x", "port"),
+        ("sqlite:///{tmp}/app.db?timeout=x", "'x'"),
+    ],
+)
+def test_a_url_sqlalchemy_refuses_is_blamed_not_the_engine_options(
+    tmp_path: Path, url: str, named: str
+) -> None:
+    # The URL alone is refused: blaming connect_args (which the URL's mapping adds,
+    # unasked) or pool_size would send the reader to the wrong place.
+    with pytest.raises(UnsupportedDatabase) as info:
+        WriteSerializer.from_url(url.format(tmp=tmp_path), pool_size=2)
+    message = str(info.value)
+    assert "database URL" in message and named in message and SECRET not in message
+    assert "engine option" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 # -- 3. a plain def is refused before it runs ------------------------------------------

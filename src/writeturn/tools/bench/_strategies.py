@@ -25,10 +25,9 @@ from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
-    create_async_engine,
 )
 
-from ...dialects import configure_sqlite_engine
+from ..._engines import SqlitePragmas, create_engine
 from ...outcome import Outcome
 from ...serializer import WriteSerializer
 from ._workloads import Apply, Op
@@ -106,13 +105,10 @@ class PoolWatch:
 
 
 def make_engine(db: Database, **options: Any) -> AsyncEngine:
-    """An engine configured the way writeturn configures its own (WAL, busy timeout, sync)."""
-    engine = create_async_engine(db.url, **options)
-    if db.backend == "sqlite":
-        configure_sqlite_engine(
-            engine, synchronous=db.synchronous or "NORMAL", busy_timeout=SQLITE_BUSY_TIMEOUT
-        )
-    return engine
+    """An engine made the way writeturn makes its own (the URL's libpq parameters
+    mapped; on SQLite WAL, busy timeout, sync): by the same function."""
+    pragmas = SqlitePragmas(db.synchronous or "NORMAL", SQLITE_BUSY_TIMEOUT)
+    return create_engine(db.url, options, sqlite_pragmas=pragmas)
 
 
 def batch_support() -> str | None:
