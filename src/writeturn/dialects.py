@@ -52,6 +52,14 @@ SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 ServerId = tuple[int, int]
 
 
+#: The server's system identifier and current WAL file (its first eight hex digits
+#: are the timeline), selected after other columns: see _server_id. The WAL position
+#: function fails on a standby ("recovery is in progress"), which takes no writes.
+_SERVER_COLUMNS = (
+    "system_identifier, pg_walfile_name(pg_current_wal_lsn()) FROM pg_control_system()"
+)
+
+
 class TransactionId(NamedTuple):
     """A transaction's id and the server that gave it.
 
@@ -424,15 +432,9 @@ class PostgresDialect(Dialect):
         return self.coordination == "advisory"
 
     _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id), txid_current()")
-    #: The server a connection reaches, and its role: the WAL position function
-    #: fails on a standby ("recovery is in progress"), which takes no writes.
-    _SERVER_SQL = (
-        "SELECT system_identifier, pg_walfile_name(pg_current_wal_lsn()) FROM pg_control_system()"
-    )
-    _STATUS = text(
-        "SELECT txid_status(:xid), system_identifier, pg_walfile_name(pg_current_wal_lsn()) "
-        "FROM pg_control_system()"
-    )
+    #: The server a connection reaches (see _SERVER_COLUMNS), where BEGIN cannot ask.
+    _SERVER_SQL = f"SELECT {_SERVER_COLUMNS}"
+    _STATUS = text(f"SELECT txid_status(:xid), {_SERVER_COLUMNS}")
     _CANCEL = text("SELECT pg_cancel_backend(:pid)")
 
     #: The lock query as asyncpg takes it: one prepared statement for every key.
@@ -482,7 +484,9 @@ class PostgresDialect(Dialect):
         A connection that dies holding it loses it with its session.
 
         The id comes with the server that gave it (:class:`TransactionId`),
-        learnt once per connection: a connection reaches one server for its
+        learnt in the same message by a connection's first BEGIN (a message
+        more would leave a moment where the server could end the session
+        unseen: see _failed_while_idle): a connection reaches one server for its
         whole life, and that server one timeline while it takes writes (a
         primary never changes timeline; a promoted standby took no writes
         before). Behind a pooler the server of a client connection can change
@@ -713,12 +717,6 @@ def _unique_statement_name() -> str:
     return f"__writeturn_{uuid.uuid4().hex}__"
 
 
-#: The transaction id and the server that gives it, in one row (see _server_id).
-_SERVER_COLUMNS = (
-    "SELECT txid_current(), system_identifier, pg_walfile_name(pg_current_wal_lsn()) "
-    "FROM pg_control_system()"
-)
-
 #: The key under which a connection's ``info`` keeps its server's :data:`ServerId`.
 _SERVER = "writeturn_server"
 
@@ -826,7 +824,7 @@ class _OneMessageBegin:
         if deferrable:
             begin += " DEFERRABLE"
         locking = "" if lock is None else f" SELECT pg_advisory_xact_lock({int(lock)});"
-        row = _SERVER_COLUMNS if ask_server else "SELECT txid_current()"
+        row = f"SELECT txid_current(), {_SERVER_COLUMNS}" if ask_server else "SELECT txid_current()"
         query = f"{begin};{locking} COPY ({row}) TO STDOUT"
         transaction = driver.transaction(
             isolation=isolation, readonly=readonly, deferrable=deferrable
