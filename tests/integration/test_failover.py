@@ -335,13 +335,34 @@ def resumed(records: list[dict[str, Any]], at: float) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["libpq", "host-query"])
+@pytest.mark.parametrize(
+    ("form", "level", "fence"),
+    [
+        ("libpq", "remote_apply", "stop"),
+        ("host-query", "remote_apply", "crash"),
+        ("host-query", "on", "stop"),
+        ("libpq", "on", "crash"),
+    ],
+)
 async def test_a_storm_switched_over_with_synchronous_replication_loses_nothing(
-    replicated_pair: MakePair, form: str, tmp_path: Path
+    replicated_pair: MakePair, form: str, level: str, fence: str, tmp_path: Path
 ) -> None:
-    pair = replicated_pair(synchronous=True)
+    """synchronous_commit = remote_apply (the standby has applied each COMMIT) or on
+    (the standby has flushed it). "stop": a fast stop of the old primary, then the
+    promotion. "crash", as in the asynchronous case: the standby stops receiving, the
+    old primary goes on 0.3 s (its COMMITs now wait for the standby), then crashes and
+    the standby is promoted: what waited was never acknowledged, and is resolved on
+    the new primary."""
+    pair = replicated_pair(synchronous=True, synchronous_commit=level)
     await setup_schema(pair.primary.url())
-    records, began, ended = await storm(both_forms(pair, form), tmp_path, pair.switch_over)
+
+    def crash() -> None:
+        pair.pause_replication()
+        time.sleep(0.3)
+        pair.switch_over("immediate", catch_up=False)
+
+    switch = pair.switch_over if fence == "stop" else crash
+    records, began, ended = await storm(both_forms(pair, form), tmp_path, switch)
     present = await check_the_new_primary(pair.primary.url(), records)
     committed = {r["idem"] for r in records if r["outcome"] == "committed"}
     # Synchronous: what was reported COMMITTED is on the new primary, and nothing else.
@@ -351,8 +372,8 @@ async def test_a_storm_switched_over_with_synchronous_replication_loses_nothing(
     # With retries= a switch of a fraction of a second costs no write.
     assert not errors, [r["message"] for r in records if r["error"]][:3]
     print(
-        f"\n[sync, {form}] {len(records)} writes, {len(committed)} committed, errors "
-        f"{dict(errors)}; switch {ended - began:.2f}s, {resumed(records, ended)}"
+        f"\n[sync {level}, {fence}, {form}] {len(records)} writes, {len(committed)} "
+        f"committed, errors {dict(errors)}; switch {ended - began:.2f}s, {resumed(records, ended)}"
     )
 
 
