@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import math
 import os
 import re
 import shlex
@@ -50,6 +49,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._engines import unpooled_engine
+from .._options import is_seconds
 from ..dialects import lock_id, migration_lock_id
 from ..errors import ConfigurationError, WriteturnError
 from ..journal import TABLE as JOURNAL_TABLE
@@ -185,12 +185,7 @@ class _Options:
         bad = [k for k in key_tuple if not isinstance(k, str)]
         if bad:
             raise ConfigurationError(f"keys must be strings, not {bad[0]!r}")
-        if (
-            isinstance(idle_threshold, bool)
-            or not isinstance(idle_threshold, int | float)
-            or not math.isfinite(idle_threshold)
-            or idle_threshold < 0
-        ):
+        if not is_seconds(idle_threshold, allow_zero=True):
             raise ConfigurationError(
                 f"idle_threshold must be a non-negative number of seconds, not {idle_threshold!r}"
             )
