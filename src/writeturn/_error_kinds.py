@@ -11,8 +11,13 @@ a connection it already knows is closed before sending anything (``NOT_SENT``),
 and SQLAlchemy invalidates that connection (``LOST``). So :class:`ErrorKind` is
 a flag, and callers ask ``ErrorKind.LOST in kind``.
 
+One kind is also told to SQLAlchemy: :func:`install` makes it take an error
+of a server that no longer takes writes (``UNWRITABLE``) for a disconnect, so
+that such a connection is discarded wherever the error is met.
+
 Only the rules for SQLite (aiosqlite) and Postgres (asyncpg) are here; the
-only kind another database gets is ``LOST``, which SQLAlchemy itself decides.
+only kind another database gets is ``LOST``, which SQLAlchemy itself decides
+(and, on Postgres, ``UNWRITABLE`` once installed).
 """
 
 from __future__ import annotations
