@@ -27,6 +27,7 @@ __all__ = [
     "redact",
     "backend_of",
     "describe_error",
+    "mask_password",
     "engine_options",
     "hosts_of",
     "TARGET_SESSION_ATTRS",
@@ -257,6 +258,11 @@ def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
     """
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0].rstrip()}" if lines else type(exc).__name__
+    return mask_password(text, url)
+
+
+def mask_password(text: str, url: str | URL | None) -> str:
+    """``text`` with the password of ``url`` (parseable or not) shown as ``***``."""
     password = None
     if url:
         with contextlib.suppress(Exception):  # an unparseable URL has no password to mask

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ...urls import describe_error
+from ...urls import describe_error, mask_password
 from ._model import CellResult
 from ._strategies import Database, Strategy, StrategyStats, make_strategy
 from ._workloads import WORKLOAD_TABLE, Op, check_invariants, create_tables, drop_tables, make_ops
@@ -85,7 +85,7 @@ async def run_cell(spec: CellSpec, admin: AsyncEngine) -> CellResult:
             await conn.rollback()
     except Exception as exc:
         result.status = "failed"
-        result.note = _scrub(f"{describe_error(exc)} (in {_where(exc)})", spec.database)
+        result.note = mask_password(f"{describe_error(exc)} (in {_where(exc)})", spec.database.url)
         return result
     finally:
         await _drop(admin, result)
@@ -203,7 +203,7 @@ def _fill(
     result.connections_leaked = stats.connections_leaked
     result.fairness_run = fairness_run(records)
     if errors:
-        result.note = _scrub(f"{len(errors)} failed, e.g. {errors[0].error}"[:200], db)
+        result.note = mask_password(f"{len(errors)} failed, e.g. {errors[0].error}"[:200], db.url)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -264,8 +264,3 @@ def _where(exc: BaseException) -> str:
         if "writeturn" in f.filename
     ]
     return " > ".join(frames[-4:]) or "?"
-
-
-def _scrub(text: str, db: Database) -> str:
-    password = db.url.password
-    return text.replace(str(password), "***") if password else text
