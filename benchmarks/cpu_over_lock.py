@@ -36,6 +36,25 @@ async def insert(session: AsyncSession, i: int) -> None:
     await session.execute(text(f"INSERT INTO {TABLE} (v) VALUES (:v)"), {"v": i})
 
 
+async def alternate(
+    modes: dict[str, Callable[[int], Awaitable[Any]]], rounds: int, writes: int, *, warm_up: int
+) -> dict[str, float]:
+    """Each mode's median CPU time per write, in microseconds, over ``rounds`` rounds of
+    ``writes`` writes per mode, the modes taking turns within each round (after
+    ``warm_up`` writes of each: connections, statement caches)."""
+    for i in range(warm_up):
+        for write in modes.values():
+            await write(i)
+    per_write: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(rounds):
+        for name, write in modes.items():
+            began = time.process_time()
+            for i in range(writes):
+                await write(i)
+            per_write[name].append((time.process_time() - began) / writes * 1e6)
+    return {name: statistics.median(values) for name, values in per_write.items()}
+
+
 async def main(url: str, rounds: int, writes: int) -> None:
     engine = create_async_engine(url)
     async with engine.begin() as conn:
@@ -56,23 +75,13 @@ async def main(url: str, rounds: int, writes: int) -> None:
         serializers.append(ser)
         modes[coordination] = lambda i, ser=ser: ser.submit(insert, i, key="k", writer="w")
     try:
-        for i in range(100):  # warm up: connections, statement caches
-            for write in modes.values():
-                await write(i)
-        per_write: dict[str, list[float]] = {name: [] for name in modes}
-        for _ in range(rounds):
-            for name, write in modes.items():
-                began = time.process_time()
-                for i in range(writes):
-                    await write(i)
-                per_write[name].append((time.process_time() - began) / writes * 1e6)
+        median = await alternate(modes, rounds, writes, warm_up=100)
     finally:
         for ser in serializers:
             await ser.close()
         async with engine.begin() as conn:
             await conn.execute(text(f"DROP TABLE IF EXISTS {TABLE}"))
         await engine.dispose()
-    median = {name: statistics.median(values) for name, values in per_write.items()}
     over = {name: us - median["lock"] for name, us in median.items() if name != "lock"}
     print(
         f"{engine.dialect.name}: CPU per write (median of {rounds} rounds of {writes}): "

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from cpu_over_lock import alternate  # this script's folder is on the path when it runs
 
 LOCK = 42
 
@@ -80,20 +79,10 @@ async def main(url: str, rounds: int, writes: int) -> None:
         "notice": notice,
     }
     try:
-        for write in modes.values():
-            for i in range(200):  # warm up
-                await write(i)
-        per_write: dict[str, list[float]] = {name: [] for name in modes}
-        for _ in range(rounds):
-            for name, write in modes.items():
-                began = time.process_time()
-                for i in range(writes):
-                    await write(i)
-                per_write[name].append((time.process_time() - began) / writes * 1e6)
+        median = await alternate(modes, rounds, writes, warm_up=200)
     finally:
         await c.execute("DROP TABLE IF EXISTS writeturn_begin_cost")
         await c.close()
-    median = {name: statistics.median(v) for name, v in per_write.items()}
     print(
         f"client CPU per one-insert transaction (median of {rounds} rounds of {writes}): "
         + ", ".join(
