@@ -43,6 +43,7 @@ from writeturn.tools.doctor import diagnose
 
 from ._proxy import CuttingProxy
 from ._standby import ReplicatedPair
+from .test_connections import _asyncpg_kwargs
 
 pytestmark = [pytest.mark.postgres, pytest.mark.standby]
 
@@ -61,7 +62,7 @@ def both_forms(pair: ReplicatedPair, form: str, database: str = "postgres") -> s
 async def setup_schema(url: str) -> None:
     """writeturn's tables (its migrations) and the ledger, on the primary."""
     await migrations.upgrade_async(url)
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    conn = await asyncpg.connect(**_asyncpg_kwargs(url))
     try:
         await conn.execute(LEDGER)
     finally:
@@ -69,7 +70,7 @@ async def setup_schema(url: str) -> None:
 
 
 async def rows(url: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    conn = await asyncpg.connect(**_asyncpg_kwargs(url))
     try:
         return list(await conn.fetch("SELECT key, idem, xid FROM ledger ORDER BY id"))
     finally:
@@ -81,7 +82,7 @@ async def rows(url: str) -> list[asyncpg.Record]:
 
 async def give_the_same_id(url: str, xid: int) -> None:
     """On the server at ``url``, commit a decoy transaction that is given ``xid``."""
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    conn = await asyncpg.connect(**_asyncpg_kwargs(url))
     try:
         for _ in range(100_000):
             async with conn.transaction():
@@ -291,7 +292,7 @@ async def storm(
 
 
 async def journal(url: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    conn = await asyncpg.connect(**_asyncpg_kwargs(url))
     try:
         return list(
             await conn.fetch(
