@@ -566,10 +566,11 @@ async def _check_pg_replication(conn: AsyncConnection, ctx: _Context) -> list[Ch
     await conn.rollback()
     synchronous = [a for a, state in standbys if state in ("sync", "quorum")]
     unknown = [a for a, state in standbys if not state]
-    waits = bool(str(names).strip()) and commit_level in _WAITS_FOR_STANDBY
+    named = bool(str(names).strip())  # synchronous_standby_names is set
+    waits = named and commit_level in _WAITS_FOR_STANDBY
     listed = ", ".join(a or "?" for a, _ in standbys)
     if not standbys:
-        if str(names).strip() and commit_level in _WAITS_FOR_STANDBY:
+        if waits:
             return [
                 Check(
                     "replication",
@@ -605,7 +606,7 @@ async def _check_pg_replication(conn: AsyncConnection, ctx: _Context) -> list[Ch
         ]
     why = (
         f"synchronous_commit = {commit_level}: COMMIT does not wait for a standby"
-        if str(names).strip()
+        if named
         else "asynchronous (synchronous_standby_names is empty)"
     )
     return [
